@@ -1,0 +1,1 @@
+"""VQ-KD visual tokenizer (BEiT v2): training objective, codebook, teachers and inference."""
