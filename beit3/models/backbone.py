@@ -1,0 +1,304 @@
+"""The BEiT-3 backbone: embeddings + a Multiway Transformer encoder, computing exactly what the official
+torchscale ``BEiT3`` computes (reference: ``shared/reference/beit3.md`` §1), with the official parameter names so the
+released checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import (
+    IMAGE_ONLY,
+    TEXT_ONLY,
+    FeedForward,
+    MultiwayAttention,
+    attention_bias,
+    drop_path_rates,
+    init_linear_and_norm,
+    routed,
+)
+
+# fairseq legacy kept by the official code: positions count from 2, rows 0 and 1 are never used.
+POSITION_OFFSET = 2
+
+
+@dataclass
+class BEiT3Config:
+    """Hyper-parameters of a BEiT-3 backbone. Defaults are BEiT-3 base at 224 px."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    vocab_size: int = 64010
+    max_text_positions: int = 1024
+    normalize_output: bool = True
+    drop_path_rate: float = 0.0
+    layernorm_eps: float = 1e-5
+    checkpoint_activations: bool = False
+    share_attention: bool = False  # paper/VLMo variant: one attention for both modalities
+    vl_expert_layers: int = 0  # paper variant: vision-language FFN experts in the top K layers
+
+    def __post_init__(self) -> None:
+        positive = ("embed_dim", "depth", "num_heads", "ffn_dim", "img_size", "patch_size", "in_chans", "vocab_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config '{name}' must be positive, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model config 'embed_dim' ({self.embed_dim}) must be divisible by 'num_heads' ({self.num_heads})")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model config 'img_size' ({self.img_size}) must be a multiple of 'patch_size' ({self.patch_size})")
+        if self.max_text_positions <= POSITION_OFFSET:
+            raise ValueError(f"model config 'max_text_positions' must exceed {POSITION_OFFSET}, got {self.max_text_positions}")
+        if not 0 <= self.vl_expert_layers <= self.depth:
+            raise ValueError(f"model config 'vl_expert_layers' must be in [0, depth={self.depth}], got {self.vl_expert_layers}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model config 'drop_path_rate' must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def replace(self, **changes) -> "BEiT3Config":
+        return dataclasses.replace(self, **changes)
+
+
+class VisionEmbedding(nn.Module):
+    """Patch embedding (Conv2d), optional MIM mask token substitution, prepended CLS token."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def num_position_embeddings(self) -> int:
+        return self.num_patches + 1
+
+    def forward(self, images: torch.Tensor, masked_position: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"visual_tokens must be images of shape (B, C, {self.img_size}, {self.img_size}) for this model "
+                f"(img_size={self.img_size}); got {tuple(images.shape)}. Resize the images or build the model with "
+                f"img_size={images.shape[-1]} (positions are interpolated on load)"
+            )
+        x = self.proj(images).flatten(2).transpose(1, 2)
+        if masked_position is not None:
+            if masked_position.shape != x.shape[:2]:
+                raise ValueError(
+                    f"vision_masked_position must have shape {tuple(x.shape[:2])} (batch, patches); "
+                    f"got {tuple(masked_position.shape)}"
+                )
+            w = masked_position.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+
+
+class MultiwayPositionEmbedding(nn.Module):
+    """Two learned absolute position tables: ``A`` for image tokens (N+1 rows + 2), ``B`` for text (1024 rows).
+
+    Each modality counts its own positions from 2, so text positions do not depend on the image length.
+    """
+
+    def __init__(self, vision_positions: int, text_positions: int, dim: int):
+        super().__init__()
+        self.A = nn.Embedding(vision_positions + POSITION_OFFSET, dim)
+        self.B = nn.Embedding(text_positions, dim)
+
+    def forward(self, vision_len: int, text_len: int, text_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        parts = []
+        if vision_len:
+            parts.append(self.A.weight[POSITION_OFFSET : POSITION_OFFSET + vision_len].unsqueeze(0))
+        if text_len:
+            if text_positions is None:
+                max_len = self.B.num_embeddings - POSITION_OFFSET
+                if text_len > max_len:
+                    raise ValueError(
+                        f"text of {text_len} tokens is longer than the text position table allows ({max_len} tokens, "
+                        f"max_text_positions={self.B.num_embeddings}); truncate the text"
+                    )
+                parts.append(self.B.weight[POSITION_OFFSET : POSITION_OFFSET + text_len].unsqueeze(0))
+            else:
+                if text_positions.numel() and int(text_positions.max()) >= self.B.num_embeddings:
+                    raise ValueError(
+                        f"text position {int(text_positions.max())} is outside the text position table "
+                        f"({self.B.num_embeddings} rows)"
+                    )
+                parts.append(nn.functional.embedding(text_positions, self.B.weight))
+        if len(parts) == 1:
+            return parts[0]
+        batch = max(p.shape[0] for p in parts)
+        return torch.cat([p.expand(batch, -1, -1) for p in parts], dim=1)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN Multiway block: ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(FFN(LN(x)))``."""
+
+    def __init__(self, cfg: BEiT3Config, drop_path: float, vl_expert: bool):
+        super().__init__()
+        dim, eps = cfg.embed_dim, cfg.layernorm_eps
+        self.self_attn = MultiwayAttention(dim, cfg.num_heads, eps, shared=cfg.share_attention)
+        self.self_attn_layer_norm = routed(nn.LayerNorm(dim, eps=eps), shared=cfg.share_attention)
+        self.ffn = routed(FeedForward(dim, cfg.ffn_dim, eps), with_vl_expert=vl_expert)
+        self.final_layer_norm = routed(nn.LayerNorm(dim, eps=eps), with_vl_expert=vl_expert)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        split: int,
+        attn_bias: Optional[torch.Tensor] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.self_attn(self.self_attn_layer_norm(x, split), split, attn_bias, incremental_state))
+        return x + self.drop_path(self.ffn(self.final_layer_norm(x, split), split))
+
+
+class Encoder(nn.Module):
+    """Position embeddings, the stack of Multiway layers and the optional final (Multiway) LayerNorm."""
+
+    def __init__(self, cfg: BEiT3Config):
+        super().__init__()
+        self.embed_positions = MultiwayPositionEmbedding(cfg.num_patches + 1, cfg.max_text_positions, cfg.embed_dim)
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        first_vl = cfg.depth - cfg.vl_expert_layers
+        self.layers = nn.ModuleList(EncoderLayer(cfg, rates[i], vl_expert=i >= first_vl) for i in range(cfg.depth))
+        self.layer_norm = routed(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)) if cfg.normalize_output else None
+        self.grad_checkpointing = cfg.checkpoint_activations
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        split: int,
+        attn_bias: Optional[torch.Tensor] = None,
+        incremental_state: Optional[dict] = None,
+        return_all_hiddens: bool = False,
+    ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        """Run every layer; ``incremental_state`` maps layer index -> {prev_key, prev_value} for decoding."""
+        states = [x] if return_all_hiddens else None
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for idx, layer in enumerate(self.layers):
+            layer_state = None if incremental_state is None else incremental_state.setdefault(idx, {})
+            if use_checkpoint and layer_state is None:
+                x = checkpoint(layer, x, split, attn_bias, use_reentrant=False)
+            else:
+                x = layer(x, split, attn_bias, layer_state)
+            if states is not None:
+                states.append(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x, split)
+        return x, states
+
+
+class BEiT3(nn.Module):
+    """The BEiT-3 backbone shared by pretraining and every task head.
+
+    ``forward`` takes the official keywords and returns a dict with ``encoder_out`` (B, L, D), ``encoder_embedding``,
+    ``encoder_padding_mask`` (B, L), ``multiway_split_position`` (-1 image only, 0 text only, else the number of
+    vision tokens) and, with ``return_all_hiddens=True``, ``encoder_states`` (the input of layer 0 and the output of
+    every layer, before the final LayerNorm).
+    """
+
+    def __init__(self, config: BEiT3Config):
+        super().__init__()
+        self.config = config
+        self.text_embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.vision_embed = VisionEmbedding(config.img_size, config.patch_size, config.in_chans, config.embed_dim)
+        self.encoder = Encoder(config)
+        self.apply(init_linear_and_norm)
+        nn.init.normal_(self.text_embed.weight, mean=0.0, std=config.embed_dim**-0.5)
+
+    # -- helpers used by training code -------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides 1-D tensors and biases (official optimizer rule)."""
+        return {"encoder.embed_positions.A.weight", "vision_embed.cls_token"}
+
+    def num_layers_for_lr_decay(self) -> int:
+        return self.config.depth + 2
+
+    def get_layer_id(self, name: str) -> int:
+        """Layer-wise lr decay id: 0 for embeddings, i+1 for ``layers.i.``, depth+1 for everything else."""
+        if "embed" in name:
+            return 0
+        if "layers." in name:
+            return int(name.split("layers.")[1].split(".")[0]) + 1
+        return self.config.depth + 1
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        textual_tokens: Optional[torch.Tensor] = None,
+        visual_tokens: Optional[torch.Tensor] = None,
+        text_padding_position: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        vision_masked_position: Optional[torch.Tensor] = None,
+        incremental_state: Optional[dict] = None,
+        positions: Optional[torch.Tensor] = None,
+        return_all_hiddens: bool = False,
+    ) -> dict:
+        if textual_tokens is None and visual_tokens is None:
+            raise ValueError("BEiT3.forward needs textual_tokens, visual_tokens or both")
+        parts = []
+        vision_len = text_len = 0
+        if visual_tokens is not None:
+            parts.append(self.vision_embed(visual_tokens, vision_masked_position))
+            vision_len = parts[-1].shape[1]
+        if textual_tokens is not None:
+            if textual_tokens.dim() != 2:
+                raise ValueError(f"textual_tokens must be (batch, length) token ids; got shape {tuple(textual_tokens.shape)}")
+            parts.append(self.text_embed(textual_tokens))
+            text_len = textual_tokens.shape[1]
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(f"image batch ({parts[0].shape[0]}) and text batch ({parts[1].shape[0]}) differ in size")
+        split = IMAGE_ONLY if textual_tokens is None else TEXT_ONLY if visual_tokens is None else vision_len
+        embedding = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        batch = embedding.shape[0]
+
+        padding_mask = torch.zeros(batch, vision_len + text_len, dtype=torch.bool, device=embedding.device)
+        if text_padding_position is not None and textual_tokens is not None:
+            if text_padding_position.shape != textual_tokens.shape:
+                raise ValueError(
+                    f"text_padding_position has shape {tuple(text_padding_position.shape)}, "
+                    f"textual_tokens {tuple(textual_tokens.shape)}; they must match"
+                )
+            padding_mask[:, vision_len:] = text_padding_position.bool()
+
+        x = embedding + self.encoder.embed_positions(vision_len, text_len, positions)
+        x = x * (1 - padding_mask.unsqueeze(-1).to(x.dtype))
+
+        key_len = x.shape[1]
+        if incremental_state is not None and 0 in incremental_state and "prev_key" in incremental_state[0]:
+            key_len += incremental_state[0]["prev_key"].shape[2]
+        attn_bias = attention_bias(
+            x.shape[1],
+            key_len,
+            padding_mask if incremental_state is None else None,
+            attn_mask,
+            x.dtype,
+            x.device,
+        )
+        x, states = self.encoder(x, split, attn_bias, incremental_state, return_all_hiddens)
+        out = {
+            "encoder_out": x,
+            "encoder_embedding": embedding,
+            "encoder_padding_mask": padding_mask,
+            "multiway_split_position": split,
+        }
+        if states is not None:
+            out["encoder_states"] = states
+        return out

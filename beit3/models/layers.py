@@ -1,0 +1,169 @@
+"""Building blocks of the Multiway Transformer: modality routing, joint attention and the Sub-LN feed-forward network.
+
+Routing follows the official torchscale convention. A *split position* says which expert sees which tokens:
+``-1`` the whole sequence goes to the vision expert ``A``, ``0`` to the language expert ``B``, and ``k > 0`` sends
+tokens ``[:k]`` (the image, always first) to ``A`` and ``[k:]`` to ``B``. Routing slices views of the sequence; no
+per-token loop and no gather over the full sequence.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_ONLY = -1
+TEXT_ONLY = 0
+
+# Value the official implementation adds for blocked entries of ``attn_mask`` (padded keys use -inf).
+ATTN_MASK_BLOCKED = -1e8
+
+
+class Multiway(nn.Module):
+    """One copy of a module per modality: ``A`` (vision) and ``B`` (language), plus an optional ``C``.
+
+    ``C`` is the vision-language expert of the paper variant (BEiT-3 paper §2.1, VLMo): when present it processes
+    the whole sequence of image-text inputs, while image-only and text-only inputs still use ``A`` and ``B``.
+    """
+
+    def __init__(self, module: nn.Module, with_vl_expert: bool = False):
+        super().__init__()
+        self.A = module
+        self.B = copy.deepcopy(module)
+        self.C = copy.deepcopy(module) if with_vl_expert else None
+
+    def forward(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        if split == IMAGE_ONLY:
+            return self.A(x)
+        if split == TEXT_ONLY:
+            return self.B(x)
+        if self.C is not None:
+            return self.C(x)
+        return torch.cat([self.A(x[:, :split]), self.B(x[:, split:])], dim=1)
+
+
+class Shared(nn.Module):
+    """A single module used for every modality (the paper's shared attention); ignores the split position."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        return self.module(x)
+
+
+def routed(module: nn.Module, shared: bool = False, with_vl_expert: bool = False) -> nn.Module:
+    """Wrap ``module`` as a per-modality :class:`Multiway` or as a :class:`Shared` module."""
+    return Shared(module) if shared else Multiway(module, with_vl_expert=with_vl_expert)
+
+
+class MultiwayAttention(nn.Module):
+    """Multi-head self-attention computed jointly over the whole sequence, with per-modality projections.
+
+    q/k/v/out projections and the Sub-LN ``inner_attn_ln`` (over the concatenated heads, before ``out_proj``) are
+    routed; the softmax runs over all tokens of all modalities (deep fusion). ``shared=True`` gives one set of
+    weights for both modalities (the paper's shared self-attention).
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, shared: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = routed(nn.Linear(dim, dim), shared)
+        self.k_proj = routed(nn.Linear(dim, dim), shared)
+        self.v_proj = routed(nn.Linear(dim, dim), shared)
+        self.out_proj = routed(nn.Linear(dim, dim), shared)
+        self.inner_attn_ln = routed(nn.LayerNorm(dim, eps=eps), shared)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        split: int,
+        attn_bias: Optional[torch.Tensor] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> torch.Tensor:
+        batch, length, dim = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x, split)), heads(self.k_proj(x, split)), heads(self.v_proj(x, split))
+        if incremental_state is not None:
+            if "prev_key" in incremental_state:
+                k = torch.cat([incremental_state["prev_key"].to(k.dtype), k], dim=2)
+                v = torch.cat([incremental_state["prev_value"].to(v.dtype), v], dim=2)
+            incremental_state["prev_key"] = k
+            incremental_state["prev_value"] = v
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        return self.out_proj(self.inner_attn_ln(out, split), split)
+
+
+class FeedForward(nn.Module):
+    """FFN with the Sub-LN inner LayerNorm: ``fc2(LN(GELU(fc1(x))))``; GELU (exact erf) computed in fp32."""
+
+    def __init__(self, dim: int, hidden_dim: int, eps: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.ffn_layernorm = nn.LayerNorm(hidden_dim, eps=eps)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h.float()).to(h.dtype)
+        return self.fc2(self.ffn_layernorm(h))
+
+
+def attention_bias(
+    query_len: int,
+    key_len: int,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """Additive attention bias from the official mask conventions, or None when nothing is masked.
+
+    ``attn_mask``: (Q, K), (B, Q, K) or (B, 1|H, Q, K); any non-zero / True entry is *blocked* (official torchscale
+    convention, the inverse of Hugging Face's ``attention_mask``) and gets -1e8. ``key_padding_mask``: (B, K), True
+    or 1 at padded keys, which get -inf. The result broadcasts against (B, H, Q, K).
+    """
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.shape[-2:] != (query_len, key_len):
+            raise ValueError(
+                f"attn_mask has shape {tuple(attn_mask.shape)}, expected (..., {query_len}, {key_len}) "
+                "for the current query and key lengths"
+            )
+        blocked = attn_mask.to(device=device).bool()
+        if blocked.dim() == 3:
+            blocked = blocked.unsqueeze(1)
+        bias = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, ATTN_MASK_BLOCKED)
+    if key_padding_mask is not None and key_padding_mask.any():
+        pad = key_padding_mask.to(device=device).bool()[:, None, None, :]
+        pad_bias = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, float("-inf"))
+        bias = pad_bias if bias is None else bias + pad_bias
+    return bias
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate per layer: linear from 0 to ``rate`` (as torchscale and timm)."""
+    return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
+
+
+def init_linear_and_norm(module: nn.Module, std: float = 0.02, truncate: Callable = nn.init.trunc_normal_) -> None:
+    """Official BEiT-3 init: Linear trunc-normal(std) cut at ±std, bias 0; LayerNorm weight 1, bias 0."""
+    if isinstance(module, nn.Linear):
+        truncate(module.weight, std=std, a=-std, b=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
