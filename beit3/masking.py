@@ -1,0 +1,113 @@
+"""Masking for masked data modeling: BEiT v2 block-wise image masking and BERT-style 80/10/10 text masking.
+
+Both take an explicit random generator so that a masked batch is a pure function of (seed, rank, step): exact
+resumption never depends on the global RNG state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class MaskingConfig:
+    """How much of each stream is masked (BEiT-3 paper §2.2: 40% of patches, 15% of text, 50% of paired text)."""
+
+    image_mask_ratio: float = 0.4
+    min_block_patches: int = 16
+    max_block_aspect: float = 1 / 0.3
+    text_mask_ratio: float = 0.15
+    pair_text_mask_ratio: float = 0.5
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("image_mask_ratio", "text_mask_ratio", "pair_text_mask_ratio"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"masking config '{name}' must be in (0, 1), got {getattr(self, name)}")
+        if self.mask_replace_prob + self.random_replace_prob > 1.0 or min(self.mask_replace_prob, self.random_replace_prob) < 0:
+            raise ValueError("masking config 'mask_replace_prob' + 'random_replace_prob' must be within [0, 1]")
+        if self.min_block_patches < 1 or self.max_block_aspect < 1:
+            raise ValueError("masking config 'min_block_patches' and 'max_block_aspect' must be >= 1")
+
+
+class BlockMaskGenerator:
+    """BEiT v2 block-wise masking on a ``height x width`` patch grid with an *exact* number of masked patches.
+
+    Rectangular blocks of at least ``min_block`` patches and log-uniform aspect ratio are added until the target is
+    reached; a final fix-up masks or unmasks random cells so every mask has exactly ``num_masked`` patches.
+    """
+
+    def __init__(self, height: int, width: int, mask_ratio: float, min_block: int = 16, max_aspect: float = 1 / 0.3):
+        self.height, self.width = height, width
+        self.num_masked = int(round(mask_ratio * height * width))
+        self.min_block = min(min_block, self.num_masked)
+        self.log_aspect = (math.log(1 / max_aspect), math.log(max_aspect))
+
+    def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
+        for _ in range(10):
+            area = rng.uniform(*sorted((self.min_block, budget)))  # as random.uniform when budget < min_block
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < self.height and 0 < w < self.width:
+                top = int(rng.integers(0, self.height - h + 1))
+                left = int(rng.integers(0, self.width - w + 1))
+                window = mask[top : top + h, left : left + w]
+                added = h * w - int(window.sum())
+                if 0 < added <= budget:
+                    window[:] = True
+                    return added
+        return 0
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        """One mask, a bool array (height*width,) in row-major patch order."""
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        count = 0
+        while count < self.num_masked:
+            added = self._add_block(mask, self.num_masked - count, rng)
+            if added == 0:
+                break
+            count += added
+        flat = mask.reshape(-1)
+        if count < self.num_masked:
+            flat[rng.choice(np.flatnonzero(~flat), self.num_masked - count, replace=False)] = True
+        elif count > self.num_masked:
+            flat[rng.choice(np.flatnonzero(flat), count - self.num_masked, replace=False)] = False
+        return flat
+
+    def batch(self, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self(rng) for _ in range(batch_size)])) if batch_size else torch.zeros(0, self.height * self.width, dtype=torch.bool)
+
+
+def mask_text(
+    tokens: torch.Tensor,
+    maskable: torch.Tensor,
+    ratio: float,
+    mask_id: int,
+    random_token_range: tuple[int, int],
+    generator: torch.Generator,
+    mask_replace_prob: float = 0.8,
+    random_replace_prob: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking, vectorised over the batch.
+
+    In each row, ``max(1, round(ratio * n))`` of its ``n`` maskable positions (not special tokens, not padding) are
+    chosen uniformly; of those 80% become ``mask_id``, 10% a random id in ``random_token_range`` and 10% stay.
+    Returns ``(masked_tokens, masked_positions)``.
+    """
+    n = maskable.sum(dim=1)
+    k = torch.where(n > 0, torch.clamp((n.float() * ratio).round().long(), min=1), torch.zeros_like(n))
+    scores = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    scores = scores.masked_fill(~maskable, 2.0)  # never chosen
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    chosen = ranks < k.unsqueeze(1)
+    action = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    randoms = torch.randint(*random_token_range, tokens.shape, generator=generator, device=tokens.device)
+    out = torch.where(chosen & (action < mask_replace_prob), torch.full_like(tokens, mask_id), tokens)
+    use_random = chosen & (action >= mask_replace_prob) & (action < mask_replace_prob + random_replace_prob)
+    out = torch.where(use_random, randoms, out)
+    return out, chosen

@@ -1,0 +1,205 @@
+"""The BEiT-3 masked-data-modeling objective (reference/beit3.md §4): one loss over three streams.
+
+- image: 40% block-wise masked patches predict their VQ-KD codes through ``mim_head``;
+- text: 15% masked tokens (80% ``<mask>``, 10% random, 10% kept) predict the original ids through ``mlm_head``;
+- pair: the image masked as above and 50% of the text masked, encoded jointly, both heads.
+
+:class:`PretrainInputs` turns the data layer's step batches into masked inputs with targets (visual codes come from
+the frozen tokenizer, run here, outside the DeepSpeed engine, or from precomputed codes in the batch);
+:class:`MaskedDataModeling` is the module the engine trains: ``forward(batch) -> (loss, metrics)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masking import BlockMaskGenerator, MaskingConfig, mask_text
+from .models.pretraining import BEiT3ForPretraining
+
+STREAMS = ("image", "text", "pair")
+Stage = Literal["joint", "image", "text"]
+
+
+@dataclass
+class ObjectiveConfig:
+    """Stream weights, masking, and the VLMo-style stage (``image`` -> ``text`` -> ``joint``)."""
+
+    image_weight: float = 1.0
+    text_weight: float = 1.0
+    pair_weight: float = 1.0
+    stage: Stage = "joint"
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+
+STAGE_STREAMS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "joint": STREAMS}
+
+
+def apply_stage(model: BEiT3ForPretraining, stage: Stage) -> None:
+    """Set which parameters train in a stagewise (VLMo) schedule.
+
+    ``image``: everything the image stream uses trains. ``text``: only the language experts (``.B.`` copies), the text
+    embedding and position table and the MLM head train; attention and the vision experts stay frozen. With
+    decoupled attention the language attention is first copied from the vision attention, so the text stage reuses
+    what the image stage learned (VLMo). ``joint``: everything trains.
+    """
+    if stage not in STAGE_STREAMS:
+        raise ValueError(f"unknown pretraining stage '{stage}'; use one of {sorted(STAGE_STREAMS)}")
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if stage != "text":
+        return
+    backbone = model.beit3
+    if not backbone.config.share_attention:
+        with torch.no_grad():
+            for layer in backbone.encoder.layers:
+                for name, module in layer.self_attn.named_children():
+                    module.B.load_state_dict(module.A.state_dict())
+                layer.self_attn_layer_norm.B.load_state_dict(layer.self_attn_layer_norm.A.state_dict())
+    for name, param in model.named_parameters():
+        language = ".B." in name or name.startswith(("beit3.text_embed.", "mlm_head."))
+        attention = ".self_attn." in name or ".self_attn_layer_norm." in name
+        param.requires_grad_(language and not attention)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = F.cross_entropy(logits.float(), targets)
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean() if targets.numel() else logits.new_zeros(())
+    return loss, accuracy.detach()
+
+
+class MaskedDataModeling(nn.Module):
+    """Weighted sum of the per-stream masked-prediction losses; the module DeepSpeed trains."""
+
+    def __init__(self, model: BEiT3ForPretraining, cfg: ObjectiveConfig):
+        super().__init__()
+        self.model = model
+        self.weights = {"image": cfg.image_weight, "text": cfg.text_weight, "pair": cfg.pair_weight}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{name}" for name in self.model.no_weight_decay()}
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total = None
+        metrics: dict[str, torch.Tensor] = {}
+        num_samples = num_tokens = 0
+        for stream in STREAMS:
+            if stream not in batch:
+                continue
+            b = batch[stream]
+            logits = self.model(
+                images=b.get("image"),
+                image_mask=b.get("image_mask"),
+                text_tokens=b.get("text_tokens"),
+                padding_mask=b.get("padding_mask"),
+                text_mask=b.get("text_mask"),
+            )
+            parts = []
+            if "mim" in logits:
+                loss, acc = _cross_entropy(logits["mim"], b["codes"][b["image_mask"]])
+                parts.append(("image", loss, acc))
+            if "mlm" in logits:
+                loss, acc = _cross_entropy(logits["mlm"], b["text_targets"][b["text_mask"]])
+                parts.append(("text", loss, acc))
+            stream_loss = sum(loss for _, loss, _ in parts)
+            metrics[f"loss_{stream}"] = stream_loss.detach()
+            for modality, loss, acc in parts:
+                suffix = stream if stream != "pair" else f"pair_{modality}"
+                metrics[f"acc_{suffix}"] = acc
+                if stream == "pair":
+                    metrics[f"loss_{suffix}"] = loss.detach()
+            weighted = self.weights[stream] * stream_loss
+            total = weighted if total is None else total + weighted
+            size = next(v for v in b.values() if isinstance(v, torch.Tensor)).shape[0]
+            num_samples += size
+            if "image" in b:
+                num_tokens += size * (self.model.beit3.vision_embed.num_position_embeddings())
+            if "padding_mask" in b:
+                num_tokens += int((~b["padding_mask"].bool()).sum())
+        if total is None:
+            raise ValueError("a pretraining batch holds none of the streams 'image', 'text', 'pair'")
+        metrics["num_samples"] = torch.tensor(float(num_samples))
+        metrics["num_tokens"] = torch.tensor(float(num_tokens))
+        return total, metrics
+
+
+class PretrainInputs:
+    """Masks the data layer's step batches and attaches targets; resumable like the batches it wraps.
+
+    ``codes_fn`` maps tokenizer-view images in [0, 1] to visual-token ids [B, N]; a stream that already carries
+    ``codes`` (precomputed by ``tools/tokenize_dataset.py``) skips it. Masks are drawn from a generator seeded by
+    (seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[dict],
+        masking: MaskingConfig,
+        patch_grid: tuple[int, int],
+        mask_token_id: int,
+        random_token_range: tuple[int, int],
+        special_token_ids: Iterable[int],
+        codes_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        seed: int = 0,
+        rank: int = 0,
+    ):
+        self.batches = batches
+        self.masking = masking
+        self.block_masks = BlockMaskGenerator(*patch_grid, masking.image_mask_ratio, masking.min_block_patches, masking.max_block_aspect)
+        self.mask_token_id = mask_token_id
+        self.random_token_range = random_token_range
+        self.special_token_ids = torch.tensor(sorted(set(special_token_ids)))
+        self.codes_fn = codes_fn
+        self.seed, self.rank = seed, rank
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"data": self.batches.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.batches:
+            yield self.prepare(batch)
+
+    def prepare(self, batch: dict) -> dict:
+        """Mask one step batch; advances the step counter that seeds the masks."""
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        text_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self.step += 1
+        out = {}
+        for stream, b in batch.items():
+            b = dict(b)
+            if "image" in b:
+                b["image_mask"] = self.block_masks.batch(b["image"].shape[0], rng)
+                if "codes" not in b:
+                    if self.codes_fn is None:
+                        raise ValueError(f"the '{stream}' stream has no precomputed codes and no tokenizer was given")
+                    b["codes"] = self.codes_fn(b["tokenizer_image"])
+                b.pop("tokenizer_image", None)
+                b["codes"] = b["codes"].long()
+                if b["codes"].shape != b["image_mask"].shape:
+                    raise ValueError(
+                        f"visual codes of the '{stream}' stream have shape {tuple(b['codes'].shape)} but the model's patch "
+                        f"grid gives {tuple(b['image_mask'].shape)}: tokenizer and model must use the same patch grid"
+                    )
+            if "text_tokens" in b:
+                tokens = b["text_tokens"]
+                maskable = ~b["padding_mask"].bool() & ~torch.isin(tokens, self.special_token_ids)
+                ratio = self.masking.pair_text_mask_ratio if stream == "pair" else self.masking.text_mask_ratio
+                b["text_targets"] = tokens
+                b["text_tokens"], b["text_mask"] = mask_text(
+                    tokens, maskable, ratio, self.mask_token_id, self.random_token_range, text_gen,
+                    self.masking.mask_replace_prob, self.masking.random_replace_prob,
+                )
+            out[stream] = b
+        return out
