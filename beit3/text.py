@@ -11,10 +11,12 @@ Index files store ``text_segment`` = ``encode(text)`` (no specials); at load tim
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 import torch
 from transformers import XLMRobertaTokenizer
 
@@ -47,14 +49,25 @@ class TextTokenizer:
             processor.Load(str(spm_path))
         except (OSError, RuntimeError) as err:
             raise ValueError(f"text tokenizer model '{spm_path}' is not a SentencePiece model: {err}") from err
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(processor.serialized_model_proto())
+        if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+            raise ValueError(
+                f"text tokenizer model '{spm_path}' is not a unigram SentencePiece model; transformers 5 "
+                "XLMRobertaTokenizer reads only unigram models, so ids would differ from the official pipeline"
+            )
         head = [processor.id_to_piece(i) for i in range(min(3, processor.get_piece_size()))]
         if head != ["<unk>", "<s>", "</s>"]:
             raise ValueError(
                 f"text tokenizer model '{spm_path}': first pieces are {head}, expected ['<unk>', '<s>', '</s>'] "
                 "(train it with train_text_tokenizer)"
             )
-        kwargs = XLMRobertaTokenizer.convert_to_native_format(vocab_file=str(spm_path))
-        return cls(XLMRobertaTokenizer(**kwargs), spm_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            # transformers converts only files named *.model; the official tokenizer is called beit3.spm
+            link = Path(tmp) / "sentencepiece.bpe.model"
+            link.symlink_to(spm_path.resolve())
+            kwargs = XLMRobertaTokenizer.convert_to_native_format(vocab_file=str(link))
+            return cls(XLMRobertaTokenizer(**kwargs), spm_path)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -99,12 +112,11 @@ def train_text_tokenizer(
     text_files: Sequence[str | Path],
     model_prefix: str | Path,
     vocab_size: int,
-    model_type: str = "unigram",
     character_coverage: float = 1.0,
     hard_vocab_limit: bool = False,
     seed_sentencepiece_size: int = 100_000,
 ) -> Path:
-    """Train a SentencePiece model with the beit3.spm piece layout (``<unk>``=0 ``<s>``=1 ``</s>``=2, no pad piece).
+    """Train a unigram SentencePiece model with the beit3.spm layout (``<unk>``=0 ``<s>``=1 ``</s>``=2, no pad piece).
 
     Writes ``{model_prefix}.model`` and ``.vocab`` and returns the model path. With ``hard_vocab_limit=False`` a corpus
     too small for ``vocab_size`` yields a smaller vocabulary instead of an error.
@@ -113,15 +125,13 @@ def train_text_tokenizer(
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"text corpus file '{f}' does not exist")
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         input=",".join(str(f) for f in files),
         model_prefix=str(prefix),
         vocab_size=vocab_size,
-        model_type=model_type,
+        model_type="unigram",
         character_coverage=character_coverage,
         hard_vocab_limit=hard_vocab_limit,
         seed_sentencepiece_size=seed_sentencepiece_size,

@@ -23,8 +23,12 @@ def _xlmr_shift(spm_id: int) -> int:
     return {0: 3, 1: 0, 2: 2}.get(spm_id, spm_id + 1)
 
 
-def test_id_layout_matches_shifted_sentencepiece(spm_model):
-    tok = TextTokenizer.from_file(spm_model)
+@pytest.mark.parametrize("suffix", [".model", ".spm"])
+def test_id_layout_matches_shifted_sentencepiece(spm_model, suffix):
+    path = spm_model.with_suffix(suffix)
+    if suffix != ".model":
+        path.write_bytes(spm_model.read_bytes())
+    tok = TextTokenizer.from_file(path)
     raw = spm.SentencePieceProcessor(model_file=str(spm_model))
     assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
     assert raw.get_piece_size() == 40
@@ -73,3 +77,12 @@ def test_bad_files_name_the_path(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.spm"):
         TextTokenizer.from_file(bad)
+
+
+def test_bpe_models_are_rejected(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(WORDS * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "bpe"), vocab_size=30,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    with pytest.raises(ValueError, match="not a unigram"):
+        TextTokenizer.from_file(tmp_path / "bpe.model")
