@@ -142,4 +142,11 @@ def train_text_tokenizer(
         minloglevel=2,
         num_threads=1,
     )
-    return Path(f"{prefix}.model")
+    model_path = Path(f"{prefix}.model")
+    # the trainer records input paths and prefix in the model; keep only file names so a model is reproducible
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    proto.trainer_spec.input[:] = [f.name for f in files]
+    proto.trainer_spec.model_prefix = prefix.name
+    model_path.write_bytes(proto.SerializeToString())
+    return model_path

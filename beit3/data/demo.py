@@ -77,8 +77,8 @@ def make_demo_data(out: str | Path, num_images: int = 400, image_size: int = 64,
                    captions_per_image: int = 5, questions_per_image: int = 3, num_shards: int = 4,
                    vocab_size: int = 1000) -> dict:
     """Write the demo data root to ``out`` and return its manifest (also written as ``manifest.json``)."""
-    if num_images < 10:
-        raise ValueError(f"num_images must be at least 10 (train/val/test splits), got {num_images}")
+    if num_images < 20:
+        raise ValueError(f"num_images must be at least 20 (two images per val/test split), got {num_images}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
