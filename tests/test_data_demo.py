@@ -109,3 +109,11 @@ def test_classification_classes_are_learnable(tmp_path):
         accuracy = (classifier(f_val).argmax(1) == y_val).float().mean().item()
     chance = 1 / len(manifest["classes"])
     assert accuracy > chance + 0.5, f"held-out accuracy {accuracy:.2f} vs chance {chance:.2f}"
+
+
+def test_measure_loading_writes_json(demo_root, tmp_path):
+    from beit3.data.benchmark import measure_loading
+
+    result = measure_loading(demo_root, num_images=8, image_size=16, tokenizer_image_size=8, out_json=tmp_path / "b.json")
+    assert result["images_per_s_per_worker"] > 0 and result["num_images"] == 8
+    assert json.loads((tmp_path / "b.json").read_text()) == result
