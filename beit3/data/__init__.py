@@ -1,0 +1,1 @@
+"""Data layer: readers, transforms, multi-source pretraining batches, demo data and raw-format converters."""

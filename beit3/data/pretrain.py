@@ -1,0 +1,223 @@
+"""Multi-source pretraining batches: per optimizer step an image, a text and a pair batch; exactly resumable.
+
+Design: every sample is a pure function of (seed, stream, rank, step, slot). Sample ``slot`` of step ``t`` on rank
+``r`` sits at global position ``p = (t * world_size + r) * batch + slot`` of its stream; its index is
+``permutation(seed, stream, epoch = p // N)[p % N]``, and its augmentation RNG is seeded from
+(seed, stream, rank, step, slot). DataLoader workers receive step numbers and build whole steps, so the iterator's
+state is the next step number (plus the skip counters). ``load_state_dict`` then restarts exactly there, with any
+``num_workers``. Every rank draws the same streams with the same batch sizes, so schedules agree across ranks.
+
+Bad samples (missing file, corrupt image, empty text) are replaced by a deterministically drawn other sample of the
+same stream and counted by reason; ``skip_counts()`` exposes the counters, and a skip fraction above
+``max_skip_fraction`` (once ``skip_check_min_samples`` samples were drawn) raises an error.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from beit3.data.readers import SkipSample
+from beit3.data.sources import open_image_source, open_pair_source, open_text_source
+from beit3.data.transforms import TwoViewTransform
+from beit3.text import TextTokenizer
+
+STREAMS = ("image", "text", "pair")
+_STREAM_CODES = {name: code for code, name in enumerate(STREAMS)}
+
+
+@dataclass
+class PretrainDataConfig:
+    """Where pretraining data comes from and how each step's batches look (per rank)."""
+
+    root: str = "data/demo"
+    image_source: str = "imagenet.train.index.jsonl"  # JSONL index, classification folder or tar shards
+    text_sources: list[str] = field(default_factory=lambda: ["corpus.txt"])  # plain text files
+    pair_source: str = "coco_retrieval.train.jsonl"  # retrieval-style JSONL index or img2dataset tar shards
+    image_batch: int = 8
+    text_batch: int = 8
+    pair_batch: int = 8
+    image_size: int = 224
+    tokenizer_image_size: int = 224
+    min_crop_scale: float = 0.2
+    color_jitter: float = 0.4
+    max_text_len: int = 64
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    max_skip_fraction: float = 0.01
+    skip_check_min_samples: int = 200
+    max_replacements: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("image_batch", "text_batch", "pair_batch", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if self.image_batch + self.text_batch + self.pair_batch == 0:
+            raise ValueError("data.image_batch, data.text_batch and data.pair_batch are all 0: nothing to load")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.max_text_len < 3:
+            raise ValueError(f"data.max_text_len must be >= 3, got {self.max_text_len}")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+class _Stream:
+    """One source plus its batch size and the arithmetic that maps (rank, step, slot) to samples."""
+
+    def __init__(self, name: str, source, batch: int, seed: int, max_replacements: int):
+        if len(source) == 0:
+            raise ValueError(f"{name} source '{source.location}' holds no samples")
+        self.name, self.source, self.batch, self.seed = name, source, batch, seed
+        self.code = _STREAM_CODES[name]
+        self.max_replacements = max_replacements
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.source))
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng(_seed(self.seed, self.code, epoch)).permutation(len(self.source))
+            self._perm_epoch = epoch
+        return int(self._perm[offset])
+
+    def load(self, rank: int, world_size: int, step: int, slot: int, skips: Counter) -> tuple[dict, random.Random]:
+        """The sample for a slot, replacing unusable ones; returns it with its augmentation RNG."""
+        index = self.index_at((step * world_size + rank) * self.batch + slot)
+        reasons = []
+        for attempt in range(self.max_replacements + 1):
+            try:
+                sample = self.source.load(index)
+                return sample, random.Random(_seed(self.seed, self.code, rank, step, slot, attempt))
+            except SkipSample as err:
+                skips[err.reason] += 1
+                reasons.append(str(err))
+                index = random.Random(_seed(self.seed, self.code, rank, step, slot, attempt, 1)).randrange(len(self.source))
+        raise RuntimeError(f"{self.name} source '{self.source.location}': {len(reasons)} samples in a row were unusable: {reasons[:3]}")
+
+    def probe(self) -> None:
+        """Fail early, naming the source, when none of its first samples is usable."""
+        reasons = []
+        for index in range(min(len(self.source), self.max_replacements + 1)):
+            try:
+                self.source.load(index)
+                return
+            except SkipSample as err:
+                reasons.append(str(err))
+        raise ValueError(f"{self.name} source '{self.source.location}' yields no usable sample; first problems: {reasons[:3]}")
+
+
+class PretrainStepDataset(Dataset):
+    """Map-style dataset whose item ``step`` is the complete batch dict of that step for one rank."""
+
+    def __init__(self, streams: list[_Stream], transform: TwoViewTransform, tokenizer: TextTokenizer,
+                 max_text_len: int, rank: int, world_size: int):
+        self.streams, self.transform, self.tokenizer = streams, transform, tokenizer
+        self.max_text_len, self.rank, self.world_size = max_text_len, rank, world_size
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> tuple[dict, dict]:
+        batch, skips = {}, Counter()
+        for stream in self.streams:
+            images, tok_images, texts = [], [], []
+            for slot in range(stream.batch):
+                sample, rng = stream.load(self.rank, self.world_size, step, slot, skips)
+                if "image" in sample:
+                    view, tok_view = self.transform(sample["image"], rng)
+                    images.append(view)
+                    tok_images.append(tok_view)
+                if "text_ids" in sample:
+                    texts.append(sample["text_ids"])
+            out = {}
+            if images:
+                out["image"], out["tokenizer_image"] = torch.stack(images), torch.stack(tok_images)
+            if texts:
+                out["text_tokens"], out["padding_mask"] = self.tokenizer.pad_ids(texts, self.max_text_len)
+            batch[stream.name] = out
+        return batch, dict(skips)
+
+
+class _StepsFrom(Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+class PretrainBatches:
+    """Endless iterable of per-step batch dicts ``{"image": .., "text": .., "pair": ..}`` with exact resume.
+
+    ``state_dict()`` holds the next step to be yielded and the skip counters; ``load_state_dict`` makes the next
+    ``iter()`` continue from there, bit-identical to an uninterrupted run.
+    """
+
+    def __init__(self, dataset: PretrainStepDataset, num_workers: int, prefetch_factor: int,
+                 max_skip_fraction: float, skip_check_min_samples: int):
+        self.dataset = dataset
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.max_skip_fraction, self.skip_check_min_samples = max_skip_fraction, skip_check_min_samples
+        self.samples_per_step = sum(s.batch for s in dataset.streams)
+        self.next_step = 0
+        self._skips: Counter = Counter()
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples so far by reason, e.g. ``{"corrupt_image": 2, "missing_file": 1}``."""
+        return dict(self._skips)
+
+    def state_dict(self) -> dict:
+        return {"next_step": self.next_step, "skip_counts": dict(self._skips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_step = int(state["next_step"])
+        self._skips = Counter(state.get("skip_counts", {}))
+
+    def _check_skips(self) -> None:
+        skipped = sum(self._skips.values())
+        drawn = self.next_step * self.samples_per_step + skipped
+        if drawn >= self.skip_check_min_samples and skipped > self.max_skip_fraction * drawn:
+            raise RuntimeError(f"data: {skipped} of {drawn} samples skipped ({dict(self._skips)}), more than "
+                               f"max_skip_fraction={self.max_skip_fraction}; check the data sources")
+
+    def __iter__(self) -> Iterator[dict]:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        loader = DataLoader(self.dataset, batch_size=None, sampler=_StepsFrom(self.next_step),
+                            num_workers=self.num_workers, **extra)
+        for batch, skips in loader:
+            self._skips.update(skips)
+            self.next_step += 1
+            self._check_skips()
+            yield batch
+
+
+def build_pretrain_batches(cfg: PretrainDataConfig, text_tokenizer: TextTokenizer, rank: int = 0,
+                           world_size: int = 1, seed: int = 0) -> PretrainBatches:
+    """Open the configured sources (checking each yields something) and return the resumable batch iterable."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root '{root}' does not exist")
+    openers = {
+        "image": lambda: open_image_source(cfg.image_source, root, text_tokenizer),
+        "text": lambda: open_text_source(cfg.text_sources, root, text_tokenizer),
+        "pair": lambda: open_pair_source(cfg.pair_source, root, text_tokenizer),
+    }
+    sizes = {"image": cfg.image_batch, "text": cfg.text_batch, "pair": cfg.pair_batch}
+    streams = [_Stream(name, openers[name](), sizes[name], seed, cfg.max_replacements) for name in STREAMS if sizes[name]]
+    for stream in streams:
+        stream.probe()
+    transform = TwoViewTransform(cfg.image_size, cfg.tokenizer_image_size, cfg.min_crop_scale, cfg.color_jitter)
+    dataset = PretrainStepDataset(streams, transform, text_tokenizer, cfg.max_text_len, rank, world_size)
+    return PretrainBatches(dataset, cfg.num_workers, cfg.prefetch_factor, cfg.max_skip_fraction,
+                           cfg.skip_check_min_samples)

@@ -1,0 +1,209 @@
+"""Readers: images (files or bytes), JSONL index files, image folders, text files, WebDataset tar shards.
+
+Map-style readers (``TextLines``, ``TarShardIndex``) give random access by integer index, which is what the
+pretraining mixer needs for exact resume. ``webdataset_stream`` reads shards sequentially through the ``webdataset``
+library (split by rank and worker, or resampled without end) for pipelines that only need a stream.
+A sample that cannot be used raises :class:`SkipSample` with a reason (``missing_file``, ``corrupt_image``,
+``empty_text``) so that callers can replace and count it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from bisect import bisect_right
+from pathlib import Path
+from typing import Sequence
+
+import braceexpand
+import numpy as np
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is a short counter name such as ``corrupt_image``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode image bytes to RGB; undecodable data raises SkipSample('corrupt_image')."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise SkipSample("corrupt_image", f"{name}: {err}") from err
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB; a missing file or undecodable data raises SkipSample."""
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        raise SkipSample("missing_file", str(path)) from err
+    return decode_image(data, str(path))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All objects of a JSONL file; a missing file or a malformed line raises ValueError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index file '{path}' does not exist")
+    items = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"index file '{path}' line {number}: not valid JSON ({err})") from err
+            if not isinstance(item, dict):
+                raise ValueError(f"index file '{path}' line {number}: expected a JSON object, got {item!r}")
+            items.append(item)
+    return items
+
+
+def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """``root/CLASS/*.jpg`` -> ([(path relative to root, label)], classes); labels follow sorted class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder '{root}' does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    samples = [
+        (str(f.relative_to(root)), label)
+        for label, name in enumerate(classes)
+        for f in sorted((root / name).rglob("*"))
+        if f.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not samples:
+        raise ValueError(f"image folder '{root}' holds no images in class sub-folders")
+    return samples, classes
+
+
+class TextLines:
+    """Random access to the lines of plain text files through a byte-offset index (files stay on disk)."""
+
+    def __init__(self, files: Sequence[str | Path]):
+        self.files = [Path(f) for f in files]
+        self._offsets: list[np.ndarray] = []
+        for f in self.files:
+            if not f.is_file():
+                raise FileNotFoundError(f"text file '{f}' does not exist")
+            data = np.frombuffer(f.read_bytes(), dtype=np.uint8)
+            ends = np.flatnonzero(data == ord("\n")) + 1
+            starts = np.concatenate([[0], ends])
+            if starts[-1] == len(data):
+                starts = starts[:-1]
+            self._offsets.append(np.concatenate([starts, [len(data)]]).astype(np.int64))
+        self._cumulative = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
+
+    def __len__(self) -> int:
+        return int(self._cumulative[-1])
+
+    def __getitem__(self, index: int) -> str:
+        """Line ``index`` (over all files in order) without its newline; an empty line raises SkipSample."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"line {index} out of range for {len(self)} lines")
+        file_index = bisect_right(self._cumulative, index) - 1
+        offsets = self._offsets[file_index]
+        line = index - int(self._cumulative[file_index])
+        with self.files[file_index].open("rb") as f:
+            f.seek(int(offsets[line]))
+            text = f.read(int(offsets[line + 1] - offsets[line])).decode("utf-8", errors="replace").strip()
+        if not text:
+            raise SkipSample("empty_text", f"{self.files[file_index]} line {line + 1}")
+        return text
+
+
+def expand_shards(spec: str | Sequence[str], root: str | Path = ".") -> list[Path]:
+    """Shard paths from brace patterns (``shards/{00000..00003}.tar``), globs or a folder of ``*.tar``."""
+    root = Path(root)
+    paths: list[Path] = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        for name in braceexpand.braceexpand(item):
+            path = root / name
+            if path.is_dir():
+                paths.extend(sorted(path.glob("*.tar")))
+            elif any(c in name for c in "*?["):
+                paths.extend(sorted(root.glob(name)))
+            else:
+                paths.append(path)
+    if not paths:
+        raise ValueError(f"shard spec {spec!r} under '{root}' matches no tar files")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard files do not exist: {missing[:3]}")
+    return paths
+
+
+class TarShardIndex:
+    """Random access to the samples of img2dataset-style tar shards (``key.jpg``, ``key.txt``, ``key.json``).
+
+    The index (member offsets per key) is built once from the tar headers; reading a sample then seeks straight to
+    its members. Samples lacking one of ``required`` extensions are left out of the index.
+    """
+
+    def __init__(self, shards: Sequence[str | Path], required: Sequence[str] = ("jpg", "txt")):
+        self.shards = [Path(s) for s in shards]
+        self._entries: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+        for shard_index, shard in enumerate(self.shards):
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(shard) as tar:
+                    for info in tar:
+                        if info.isfile() and "." in info.name:
+                            key, ext = info.name.split(".", 1)
+                            members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+            except (tarfile.TarError, OSError) as err:
+                raise ValueError(f"shard '{shard}' is not a readable tar file: {err}") from err
+            self._entries.extend((shard_index, key, parts) for key, parts in members.items()
+                                 if all(ext in parts for ext in required))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def describe(self, index: int) -> str:
+        """``shard_path:key`` of sample ``index`` for error messages."""
+        shard_index, key, _ = self._entries[index]
+        return f"{self.shards[shard_index]}:{key}"
+
+    def __getitem__(self, index: int) -> dict:
+        """``{"__key__": key, ext: bytes, ...}`` of sample ``index``."""
+        shard_index, key, parts = self._entries[index]
+        sample: dict = {"__key__": key}
+        with self.shards[shard_index].open("rb") as f:
+            for ext, (offset, size) in parts.items():
+                f.seek(offset)
+                sample[ext] = f.read(size)
+        return sample
+
+
+def webdataset_stream(shards: Sequence[str | Path], rank: int = 0, world_size: int = 1, seed: int = 0,
+                      resampled: bool = True) -> wds.DataPipeline:
+    """Sequential WebDataset pipeline of raw samples ``{"__key__", "jpg", "txt", ...}``.
+
+    ``resampled=True`` draws shards with replacement without end from an RNG seeded by (seed, rank, worker); it
+    never runs dry and is the mode for pretraining. ``resampled=False`` reads each shard once, split by rank, then
+    by DataLoader worker (needs at least world_size x num_workers shards). Unreadable tar data is skipped with a
+    warning. Resume is by fast-forwarding: skip the number of samples already consumed (``itertools.islice``).
+    """
+    urls = [str(s) for s in shards]
+    if resampled:
+        def worker_seed() -> int:
+            return rank * 1000 + wds.utils.pytorch_worker_info()[2]
+        source = wds.ResampledShards(urls, seed=seed, worker_seed=worker_seed, deterministic=True)
+        return wds.DataPipeline(source, wds.tarfile_to_samples(handler=wds.warn_and_continue))
+    if len(urls) < world_size:
+        raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks; use resampled=True")
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls[rank::world_size]),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+    )
+
