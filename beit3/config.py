@@ -124,12 +124,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
         raise ConfigError(f"config section '{prefix or '<root>'}': {err}") from err
-    return obj
 
 
 def to_dict(obj: Any) -> Any:

@@ -1,0 +1,180 @@
+"""Pretraining run: configuration, start-up checks, and the wiring data -> masking/codes -> objective -> engine.
+
+``tools/pretrain.py`` is a thin wrapper over :func:`main`; launch it with ``deepspeed`` (any number of ranks and
+nodes) or plain ``python`` (one process).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+
+from .config import ConfigError, load_config, to_dict
+from .data.pretrain import PretrainDataConfig, build_pretrain_batches
+from .engine import OptimConfig, TrainConfig, add_common_args, get_local_rank, get_rank, get_world_size, init_distributed, train
+from .models import load_checkpoint, model_config
+from .models.pretraining import BEiT3ForPretraining
+from .pretrain import STAGE_STREAMS, MaskedDataModeling, ObjectiveConfig, PretrainInputs, apply_stage
+from .text import TextTokenizer
+
+
+@dataclass
+class PretrainModelConfig:
+    """Which backbone to pretrain: a registry name, config overrides, and an optional checkpoint to start from."""
+
+    name: str = "beit3_base_patch16_224"
+    overrides: dict = field(default_factory=dict)
+    init_from: str = ""
+
+
+@dataclass
+class PretrainTokenizerConfig:
+    """The frozen visual tokenizer (``path``: a directory from ``tools/train_tokenizer.py`` or an official VQ-KD
+    ``.pth``) and the text tokenizer (``text``: a SentencePiece model; default ``<data.root>/beit3.spm``)."""
+
+    path: str = ""
+    text: str = ""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run reads; YAML under ``configs/pretrain/`` plus ``--set key=value`` overrides."""
+
+    output_dir: str = "runs/pretrain"
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    tokenizer: PretrainTokenizerConfig = field(default_factory=PretrainTokenizerConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """Fail fast, before any process group or model exists, naming the key or path at fault."""
+    streams = STAGE_STREAMS[cfg.objective.stage]
+    batch = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
+    extra = [s for s in batch if batch[s] and s not in streams]
+    if extra:
+        raise ConfigError(
+            f"objective.stage='{cfg.objective.stage}' trains only the {'/'.join(streams)} stream(s) but "
+            f"data.{extra[0]}_batch={batch[extra[0]]}; set it to 0"
+        )
+    if not any(batch[s] for s in streams):
+        raise ConfigError(f"objective.stage='{cfg.objective.stage}' needs a non-zero data.{streams[0]}_batch")
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root '{root}' is not a directory (make one with tools/make_demo_data.py or tools/convert_dataset.py)")
+    needs_codes = batch["image"] or batch["pair"]
+    if needs_codes and not cfg.tokenizer.path:
+        raise ConfigError("tokenizer.path is empty: image and pair streams need a visual tokenizer (tools/train_tokenizer.py)")
+    if needs_codes and not Path(cfg.tokenizer.path).exists():
+        raise ConfigError(f"tokenizer.path '{cfg.tokenizer.path}' does not exist")
+    text_path = text_tokenizer_path(cfg)
+    if not text_path.is_file():
+        raise ConfigError(f"tokenizer.text '{text_path}' does not exist (a SentencePiece model, e.g. beit3.spm)")
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"model.init_from '{cfg.model.init_from}' does not exist")
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
+
+
+def text_tokenizer_path(cfg: PretrainConfig) -> Path:
+    return Path(cfg.tokenizer.text) if cfg.tokenizer.text else Path(cfg.data.root) / "beit3.spm"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def visual_codes_fn(path: str, precision: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
+    """The frozen tokenizer outside the engine: eval mode, no grad, bf16 autocast on GPU (fp32 code search)."""
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path, device=device).eval().requires_grad_(False)
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+    @torch.no_grad()
+    def codes(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return tok.get_codebook_indices(images.to(device, non_blocking=True))
+
+    return codes, tok
+
+
+def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -> tuple[MaskedDataModeling, PretrainInputs]:
+    """The objective module (what the engine trains) and its resumable, masked input stream for this rank."""
+    text_tok = TextTokenizer.from_file(text_tokenizer_path(cfg))
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("vocab_size", text_tok.vocab_size)
+    try:
+        model_cfg = model_config(cfg.model.name, **overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from err
+    if model_cfg.vocab_size < text_tok.vocab_size:
+        raise ConfigError(
+            f"model vocab_size {model_cfg.vocab_size} is smaller than the text tokenizer's {text_tok.vocab_size} "
+            f"('{text_tokenizer_path(cfg)}')"
+        )
+    if cfg.data.image_size != model_cfg.img_size:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} but model '{cfg.model.name}' takes {model_cfg.img_size} px images")
+    grid = model_cfg.img_size // model_cfg.patch_size
+    codes_fn, codebook_size = None, None
+    if cfg.data.image_batch or cfg.data.pair_batch:
+        codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device())
+        codebook_size = tok.config.codebook_size
+        if tok.config.grid_size != grid:
+            raise ConfigError(
+                f"visual tokenizer '{cfg.tokenizer.path}' codes a {tok.config.grid_size}x{tok.config.grid_size} patch grid, "
+                f"the model a {grid}x{grid} one: they must match (model img_size/patch_size = {model_cfg.img_size}/{model_cfg.patch_size})"
+            )
+        if cfg.data.tokenizer_image_size != tok.config.img_size:
+            raise ConfigError(f"data.tokenizer_image_size={cfg.data.tokenizer_image_size} but the visual tokenizer takes {tok.config.img_size} px")
+    model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192)
+    if cfg.model.init_from:
+        load_checkpoint(model, cfg.model.init_from)
+    apply_stage(model, cfg.objective.stage)
+    batches = build_pretrain_batches(cfg.data, text_tok, rank=rank, world_size=world_size, seed=cfg.train.seed)
+    inputs = PretrainInputs(
+        batches,
+        cfg.objective.masking,
+        (grid, grid),
+        mask_token_id=text_tok.mask_id,
+        random_token_range=(text_tok.unk_id + 1, text_tok.mask_id),
+        special_token_ids=(text_tok.bos_id, text_tok.pad_id, text_tok.eos_id),
+        codes_fn=codes_fn,
+        seed=cfg.train.seed,
+        rank=rank,
+    )
+    return MaskedDataModeling(model, cfg.objective), inputs
+
+
+def run_pretraining(cfg: PretrainConfig) -> dict:
+    """Check the config, build everything for this rank and train (auto-resuming from ``output_dir``)."""
+    check_config(cfg)
+    init_distributed()
+    objective, inputs = build_pretraining(cfg, get_rank(), get_world_size())
+    return train(objective, inputs, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(description="BEiT-3 masked data modeling pretraining"))
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        run_pretraining(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
