@@ -176,6 +176,14 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag,
                                                          exclude_frozen_parameters=exclude_frozen_parameters)
+        if not exclude_frozen_parameters:
+            # DeepSpeed pitfall: ZeRO-1 (no gradient partitioning) does not record frozen parameters in
+            # frozen_param_shapes, so zero_to_fp32 drops them; the saved module state dict has them in full.
+            files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+            module = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {} if files else {}
+            for name, tensor in module.items():
+                if name not in state and isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                    state[name] = tensor
     else:  # ZeRO stage 0: the module state dict is complete (fp32 unless bf16 weights were trained without ZeRO)
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:

@@ -308,7 +308,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                         cb.on_log(ctx, record)
                 interval = _Interval()
 
-            if step % train_cfg.save_every == 0 or step == train_cfg.steps or stop:
+            # no periodic save on a skipped step: "latest" stays on the last step with a finite loss
+            if (step % train_cfg.save_every == 0 and not bad) or step == train_cfg.steps or stop:
                 checkpoint(step)
                 last_saved = step
             if stop:
