@@ -194,3 +194,14 @@ def test_nonfinite_loss_stops_after_n_in_a_row(tmp_path):
     assert "3 consecutive steps" in message and "max_nonfinite_steps" in message
     assert "step00000002" in message  # steps 1-2 were good and saved; 3-5 non-finite
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000002"
+
+
+@pytest.mark.parametrize("precision, stage", [("bf16", 0), ("bf16", 2), ("fp32", 2), ("fp32", 3)])
+def test_precision_and_stage_smoke(tmp_path, precision, stage):
+    summary = run(tmp_path / "run", steps=3, save_every=2, precision=precision, zero_stage=stage)
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+    assert summary["last_checkpoint"].endswith("step00000003")
+    weights = export_consolidated_state_dict(tmp_path / "run")
+    assert weights["patch.weight"].dtype == torch.float32 and weights["patch.weight"].shape == (16, 8)
+    assert "frozen.weight" in weights

@@ -73,7 +73,7 @@ class _Interval:
     """Sums of loss/metrics/counters since the last log line (this rank), reduced across ranks when logged."""
 
     def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
         self.counters = {k: 0.0 for k in COUNTERS}
         self.grad_norms: list[float] = []
@@ -81,8 +81,9 @@ class _Interval:
         self.start = time.time()
 
     def add(self, name: str, value) -> None:
-        value = value.detach().float().mean() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        self.sums[name] = self.sums[name] + value.cpu() if name in self.sums else value.cpu()
+        # tensors stay on their device (no host sync per step); moved to the host once per log line
+        value = value.detach().double().mean() if isinstance(value, torch.Tensor) else float(value)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.counts[name] = self.counts.get(name, 0) + 1
 
 
@@ -103,7 +104,7 @@ def _reduce_interval(interval: _Interval, device) -> tuple[dict, dict]:
     buf = torch.zeros(2 * n + len(COUNTERS), dtype=torch.float64, device=device)
     for i, name in enumerate(names):
         if name in interval.sums:
-            buf[i] = interval.sums[name].double().item()
+            buf[i] = interval.sums[name]
             buf[n + i] = interval.counts[name]
     for j, key in enumerate(COUNTERS):
         buf[2 * n + j] = interval.counters[key]
@@ -220,15 +221,14 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         while step < train_cfg.steps:
             scheduler.set_step(step)
             lr = max(group["lr"] for group in optimizer.param_groups)
-            local_bad = False
+            local_bad = torch.zeros((), dtype=torch.bool, device=engine.device)
             step_values: dict[str, list] = {}
             counters = {k: 0.0 for k in COUNTERS}
             grad_norm = None
             for micro in range(n_micro):
                 batch = move_to_device(next_batch(), engine.device, float_dtype)
                 loss, metrics = engine(batch)
-                if not bool(torch.isfinite(loss.detach()).all()):
-                    local_bad = True
+                local_bad |= ~torch.isfinite(loss.detach()).all()
                 engine.backward(loss)
                 step_values.setdefault("loss", []).append(loss.detach())
                 for key, value in (metrics or {}).items():
@@ -237,8 +237,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                     elif value is not None:
                         step_values.setdefault(key, []).append(value)
                 if micro == n_micro - 1:
-                    flag = torch.tensor([1.0 if local_bad else 0.0], device=engine.device)
-                    bad = all_reduce_(flag, "max").item() > 0  # all ranks agree on skipping
+                    flag = local_bad.float().reshape(1)
+                    bad = all_reduce_(flag, "max").item() > 0  # all ranks agree on skipping (one sync per step)
                     optimizer.skip_next_step = bad
                     if zero_stage == 0 and not bad:
                         grads = [p.grad.detach().float().norm() for p in engine.module.parameters()
