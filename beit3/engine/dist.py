@@ -32,9 +32,26 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     import deepspeed
 
+    _skip_cpu_shm_comm_build()
     deepspeed.init_distributed(verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _skip_cpu_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op (``deepspeed_shm_comm``, ~1-2 min
+    of g++ on first use, rebuilt whenever the torch-extension cache is invalidated) when the comm backend starts.
+    It only speeds up CPU all-reduce; plain gloo is used without it. Set ``BEIT3_DS_SHM_COMM=1`` to keep it."""
+    if os.environ.get("BEIT3_DS_SHM_COMM") == "1":
+        return
+    try:
+        from deepspeed.accelerator import get_accelerator
+        import deepspeed.ops
+
+        if get_accelerator().device_name() == "cpu":
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except Exception:  # an older/newer DeepSpeed without this switch: leave it alone
+        pass
 
 
 def get_rank() -> int:
