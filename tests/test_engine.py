@@ -171,14 +171,18 @@ class _Snapshot:
         self.weights = {}
 
     def on_step_end(self, ctx, step, metrics):
-        self.weights[step] = ctx.engine.module.patch.weight.detach().clone()
+        import deepspeed
+
+        weight = ctx.engine.module.patch.weight
+        with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):  # ZeRO-3: gather
+            self.weights[step] = weight.detach().float().clone()
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_nonfinite_loss_step_is_skipped(tmp_path, stage):
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_nonfinite_loss_step_is_skipped(tmp_path, stage, precision):
     snap = _Snapshot()
     # micro_batches=2: batch 3 is the 2nd micro batch of step 2 (the first micro batch's gradient is discarded too)
-    summary = run(tmp_path / "run", steps=4, poison={3}, zero_stage=stage, callbacks=[snap])
+    summary = run(tmp_path / "run", steps=4, poison={3}, zero_stage=stage, precision=precision, callbacks=[snap])
     assert summary["step"] == 4 and summary["skipped_steps"] == 1
     log = read_log(tmp_path / "run")
     assert log[1]["step"] == 2 and log[1]["skipped"] is True and log[1]["loss"] == "nan"

@@ -165,7 +165,10 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         old_cfg = client_state.get("config")
         if rank == 0 and old_cfg is not None and old_cfg != config_snapshot:
             print(f"[beit3.engine] note: the config differs from the one saved in '{resumed_from}'")
-        batches.load_state_dict(rank_state["data"])
+        if rank_state["data"] is not None and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(rank_state["data"])
+        elif rank == 0:
+            print("[beit3.engine] warning: no data state to restore; the data order after resume is not exact")
     data_iter = iter(batches)  # before the RNG restore: creating an iterator may draw from the RNG
     if rank_state is not None:
         restore_rng_state(rank_state["rng"])
@@ -195,7 +198,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
 
     def checkpoint(step: int) -> Path:
         client_state = {"step": step, "config": config_snapshot, "world_size": world}
-        tag_dir = save_checkpoint(engine, ckpt_dir, step, client_state, batches.state_dict(), train_cfg.keep_last)
+        data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
+        tag_dir = save_checkpoint(engine, ckpt_dir, step, client_state, data_state, train_cfg.keep_last)
         for cb in callbacks:
             if hasattr(cb, "on_checkpoint"):
                 cb.on_checkpoint(ctx, step, tag_dir)
@@ -227,7 +231,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             grad_norm = None
             for micro in range(n_micro):
                 batch = move_to_device(next_batch(), engine.device, float_dtype)
-                loss, metrics = engine(batch)
+                out = engine(batch)
+                loss, metrics = out if isinstance(out, (tuple, list)) else (out, {})
                 local_bad |= ~torch.isfinite(loss.detach()).all()
                 engine.backward(loss)
                 step_values.setdefault("loss", []).append(loss.detach())

@@ -71,6 +71,8 @@ class Monitor:
             for key, value in record.items():
                 if key in ("step", "timestamp") or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
+                if not math.isfinite(value):
+                    continue
                 self.writer.add_scalar(f"train/{key}", value, step)
             self.writer.flush()
         if self.bar is not None:
