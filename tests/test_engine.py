@@ -185,8 +185,9 @@ def test_nonfinite_loss_step_is_skipped(tmp_path, stage, precision):
     summary = run(tmp_path / "run", steps=4, poison={3}, zero_stage=stage, precision=precision, callbacks=[snap])
     assert summary["step"] == 4 and summary["skipped_steps"] == 1
     log = read_log(tmp_path / "run")
-    assert log[1]["step"] == 2 and log[1]["skipped"] is True and log[1]["loss"] == "nan"
-    assert all(math.isfinite(r["loss"]) for r in log if r["step"] != 2)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # one line per step, also for the skipped one
+    assert log[1]["skipped"] is True and log[1]["loss"] == "nan" and log[1]["nonfinite_in_a_row"] == 1
+    assert all(math.isfinite(r["loss"]) and "skipped" not in r for r in log if r["step"] != 2)
     assert torch.equal(snap.weights[1], snap.weights[2])  # no update at step 2
     assert not torch.equal(snap.weights[2], snap.weights[3])  # training continues
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -78,6 +77,7 @@ class _Interval:
         self.counters = {k: 0.0 for k in COUNTERS}
         self.grad_norms: list[float] = []
         self.steps = 0
+        self.skipped = 0
         self.start = time.time()
 
     def add(self, name: str, value) -> None:
@@ -213,7 +213,6 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
 
     engine.train()
     step = start_step
-    last_saved = start_step if resumed_from is not None else None
     last_record: dict | None = None
     skipped_total = 0
     consecutive_bad = 0
@@ -255,6 +254,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             ctx.step = step
 
             if bad:
+                interval.skipped += 1
                 skipped_total += 1
                 consecutive_bad += 1
                 record = {"step": step, "loss": float("nan"), "skipped": True, "nonfinite_in_a_row": consecutive_bad,
@@ -294,7 +294,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                 flag = torch.tensor([1.0 if local_stop else 0.0], device=engine.device)
                 stop = all_reduce_(flag, "max").item() > 0
 
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps or stop:
+            # (an interval of skipped steps only has its own "skipped" lines; it is merged into the next one)
+            log_now = step % train_cfg.log_every == 0 or step == train_cfg.steps or stop
+            if log_now and interval.steps > interval.skipped:
                 means, totals = _reduce_interval(interval, engine.device)
                 elapsed = max(time.time() - interval.start, 1e-9)
                 record = {"step": step, "loss": means.pop("loss", float("nan"))}
@@ -305,6 +307,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                 record["samples_per_s"] = totals["num_samples"] / elapsed if totals["num_samples"] else None
                 record["tokens_per_s"] = totals["num_tokens"] / elapsed if totals["num_tokens"] else None
                 record["time"] = elapsed / max(interval.steps, 1)  # seconds per optimizer step
+                if interval.skipped:
+                    record["skipped_steps"] = interval.skipped
                 record["timestamp"] = time.time()
                 monitor.log(record)
                 last_record = record
@@ -316,7 +320,6 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             # no periodic save on a skipped step: "latest" stays on the last step with a finite loss
             if (step % train_cfg.save_every == 0 and not bad) or step == train_cfg.steps or stop:
                 checkpoint(step)
-                last_saved = step
             if stop:
                 monitor.message(f"[beit3.engine] stop requested by a callback after step {step}")
                 break
