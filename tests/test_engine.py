@@ -210,3 +210,13 @@ def test_precision_and_stage_smoke(tmp_path, precision, stage):
     weights = export_consolidated_state_dict(tmp_path / "run")
     assert weights["patch.weight"].dtype == torch.float32 and weights["patch.weight"].shape == (16, 8)
     assert "frozen.weight" in weights
+
+
+def test_resume_with_other_world_size_is_a_clear_error(tmp_path):
+    run(tmp_path / "run", steps=2, save_every=2)
+    state_file = tmp_path / "run" / "checkpoints" / "step00000002" / "rank0_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["world_size"] = 2  # pretend it came from a 2-rank run
+    torch.save(state, state_file)
+    with pytest.raises(RuntimeError, match="saved with 2 ranks, this run has 1"):
+        run(tmp_path / "run", steps=4, save_every=2)

@@ -50,6 +50,7 @@ def launch(tmp, out, *overrides, expect_ok=True):
     cfg = Path(tmp) / "toy.yaml"
     cfg.write_text(CONFIG)
     env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on a small CPU box: no thread oversubscription
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the launcher spawns `python` from PATH
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(_free_port()), str(SCRIPT), "--config", str(cfg),

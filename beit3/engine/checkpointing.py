@@ -142,8 +142,8 @@ def load_rank_state(tag_dir: str | Path, rank: int) -> dict:
     path = Path(tag_dir) / f"rank{rank}_state.pt"
     if not path.is_file():
         raise FileNotFoundError(
-            f"checkpoint '{tag_dir}' has no '{path.name}': it was saved with fewer ranks than the current world size "
-            f"({get_world_size()}); resume with the same number of ranks (or convert to a universal checkpoint)"
+            f"checkpoint '{tag_dir}' has no '{path.name}': it is incomplete or was saved with fewer ranks than the "
+            f"current world size ({get_world_size()}); resume with the same number of ranks"
         )
     return torch.load(path, map_location="cpu", weights_only=True)
 

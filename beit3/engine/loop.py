@@ -152,16 +152,17 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         latest_step = step_of_tag(latest)
         if rank == 0 and latest_step is not None:
             remove_stale_tags(ckpt_dir, latest_step)
+        resumed_from = str(ckpt_dir / latest)
+        rank_state = load_rank_state(ckpt_dir / latest, rank)  # checked first: clearer error on a world-size change
+        if rank_state.get("world_size", world) != world:
+            raise RuntimeError(f"checkpoint '{resumed_from}' was saved with {rank_state['world_size']} ranks, "
+                               f"this run has {world}: resume with the same number of ranks (per-rank data and "
+                               f"RNG state; ZeRO partitions need a DeepSpeed universal checkpoint otherwise)")
         load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=latest, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"could not load checkpoint '{ckpt_dir / latest}'")
+            raise RuntimeError(f"could not load checkpoint '{resumed_from}'")
         start_step = int(client_state["step"])
-        resumed_from = str(ckpt_dir / latest)
-        rank_state = load_rank_state(ckpt_dir / latest, rank)
-        if rank_state.get("world_size", world) != world:
-            raise RuntimeError(f"checkpoint '{resumed_from}' was saved with {rank_state['world_size']} ranks, "
-                               f"this run has {world}; resume with the same world size")
         old_cfg = client_state.get("config")
         if rank == 0 and old_cfg is not None and old_cfg != config_snapshot:
             print(f"[beit3.engine] note: the config differs from the one saved in '{resumed_from}'")
