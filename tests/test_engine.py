@@ -210,6 +210,8 @@ def test_precision_and_stage_smoke(tmp_path, precision, stage):
     weights = export_consolidated_state_dict(tmp_path / "run")
     assert weights["patch.weight"].dtype == torch.float32 and weights["patch.weight"].shape == (16, 8)
     assert "frozen.weight" in weights
+    if precision == "bf16":  # fp32 master weights, not the bf16 copies
+        assert not torch.equal(weights["patch.weight"], weights["patch.weight"].bfloat16().float())
 
 
 def test_resume_with_other_world_size_is_a_clear_error(tmp_path):

@@ -188,6 +188,15 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no model states in '{tag_dir}'")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        state = dict(saved["module"])
+        # bf16/fp16 without ZeRO: the module holds 16-bit weights; the fp32 masters are the optimizer's fp32_groups,
+        # mapped to names with the per-group parameter names the engine stores in the client state.
+        fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups") if isinstance(saved.get("optimizer"),
+                                                                                     dict) else None
+        names = saved.get("param_group_names")
+        if fp32_groups and names and [len(g) for g in fp32_groups] == [len(n) for n in names]:
+            for group_names, tensors in zip(names, fp32_groups):
+                state.update(zip(group_names, tensors))
     return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
             for k, v in state.items()}

@@ -137,6 +137,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         print("[beit3.engine] activation_checkpointing=true but the model has no set_grad_checkpointing(); ignored")
 
     optimizer = make_step_skippable(build_optimizer(model, optim_cfg))
+    names_by_id = {id(p): n for n, p in model.named_parameters()}  # before DeepSpeed flattens the groups
+    param_group_names = [[names_by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     scheduler = WarmupCosineSchedule(optimizer, lambda s: lr_factor(s, optim_cfg, train_cfg.steps))
     ds_config = build_deepspeed_config(train_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -198,7 +200,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                 raise RuntimeError("the batches iterable yielded no batch") from None
 
     def checkpoint(step: int) -> Path:
-        client_state = {"step": step, "config": config_snapshot, "world_size": world}
+        client_state = {"step": step, "config": config_snapshot, "world_size": world,
+                        "param_group_names": param_group_names}
         data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
         tag_dir = save_checkpoint(engine, ckpt_dir, step, client_state, data_state, train_cfg.keep_last)
         for cb in callbacks:
