@@ -83,7 +83,7 @@ class WarmupCosineSchedule:
 
     ``initial_lr`` includes the group's layer-decay scale. The engine calls :meth:`set_step` before each optimizer
     step, so the lr depends only on the step index (also across skipped steps and restarts); ``step()`` (called by
-    DeepSpeed after an applied update) just advances by one. ``state_dict``/``load_state_dict`` are plain ints/floats.
+    DeepSpeed after an applied update) just advances by one. ``state_dict``/``load_state_dict`` are plain ints/floats; loading restores the position only.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
@@ -115,9 +115,9 @@ class WarmupCosineSchedule:
         return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict) -> None:
+        # base lrs come from the current config (the schedule is a pure function of config and step), so a resumed
+        # run may change optim.lr; only the position is restored.
         self.last_step = int(state["last_step"])
-        if len(state["base_lrs"]) == len(self.base_lrs):
-            self.base_lrs = [float(x) for x in state["base_lrs"]]
         self._apply()
 
 
