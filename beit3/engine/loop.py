@@ -139,6 +139,8 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     optimizer = make_step_skippable(build_optimizer(model, optim_cfg))
     names_by_id = {id(p): n for n, p in model.named_parameters()}  # before DeepSpeed flattens the groups
     param_group_names = [[names_by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    hyper_keys = ("weight_decay", "betas", "eps", "lr_scale", "initial_lr", "group_name")
+    group_hypers = [{k: g[k] for k in hyper_keys if k in g} for g in optimizer.param_groups]
     scheduler = WarmupCosineSchedule(optimizer, lambda s: lr_factor(s, optim_cfg, train_cfg.steps))
     ds_config = build_deepspeed_config(train_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -165,6 +167,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         if load_path is None:
             raise RuntimeError(f"could not load checkpoint '{resumed_from}'")
         start_step = int(client_state["step"])
+        # loading an optimizer state also restores its groups' hyper-parameters: the current config wins
+        for group, hypers in zip(optimizer.param_groups, group_hypers):
+            group.update(hypers)
         old_cfg = client_state.get("config")
         if rank == 0 and old_cfg is not None and old_cfg != config_snapshot:
             print(f"[beit3.engine] note: the config differs from the one saved in '{resumed_from}'")
