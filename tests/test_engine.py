@@ -2,11 +2,13 @@
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with any pytest import mode
 from _engine_toy import Crash, CrashAfter, ToyBatches, ToyRunConfig, make_model
 from beit3.config import ConfigError, from_dict, load_config, to_dict
 from beit3.engine import (DEFAULT_DEEPSPEED_CONFIGS, NonFiniteLossError, OptimConfig, TrainConfig, add_common_args,
