@@ -1,0 +1,29 @@
+"""Tiny training script for the multi-rank engine tests: ``deepspeed --num_gpus 2 engine_ds_script.py --config X``."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _engine_toy import CrashAfter, ToyBatches, ToyRunConfig, make_model  # noqa: E402
+
+from beit3.config import load_config, to_dict  # noqa: E402
+from beit3.engine import add_common_args, get_rank, init_distributed, train  # noqa: E402
+
+
+def main():
+    parser = add_common_args(argparse.ArgumentParser())
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    cfg = load_config(ToyRunConfig, args.config, args.overrides)
+    init_distributed()
+    model = make_model(0)
+    batches = ToyBatches(seed=cfg.train.seed, rank=get_rank(), batch_size=cfg.batch_size, poison=cfg.poison)
+    out = train(model, batches, cfg.train, cfg.optim, args.output, config_snapshot=to_dict(cfg),
+                callbacks=[CrashAfter(cfg.crash_after_step)])
+    if get_rank() == 0:
+        print(f"DONE step={out['step']}")
+
+
+if __name__ == "__main__":
+    main()
