@@ -189,6 +189,16 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def write_yaml(path: str | Path, data: dict) -> Path:
+    """Write a mapping as YAML atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Load dataclass ``cls`` from an optional YAML file plus ``key=value`` overrides."""
     data = read_yaml(path) if path is not None else {}

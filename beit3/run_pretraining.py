@@ -14,13 +14,27 @@ from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
-from .config import ConfigError, load_config, to_dict
+from .config import ConfigError, load_config, to_dict, write_yaml
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
-from .engine import OptimConfig, TrainConfig, add_common_args, get_local_rank, get_rank, get_world_size, init_distributed, train
-from .models import load_checkpoint, model_config
+from .engine import (
+    OptimConfig,
+    TrainConfig,
+    add_common_args,
+    export_consolidated_state_dict,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    train,
+)
+from .models import load_checkpoint, model_config, save_pretrained
 from .models.pretraining import BEiT3ForPretraining
 from .pretrain import STAGE_STREAMS, MaskedDataModeling, ObjectiveConfig, PretrainInputs, apply_stage
 from .text import TextTokenizer
+
+
+RUN_CONFIG_FILE = "config.yaml"
+OFFICIAL_EXPORT_FILE = "beit3_pretrained.pth"
 
 
 @dataclass
@@ -164,8 +178,26 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     """Check the config, build everything for this rank and train (auto-resuming from ``output_dir``)."""
     check_config(cfg)
     init_distributed()
+    if get_rank() == 0:
+        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
     objective, inputs = build_pretraining(cfg, get_rank(), get_world_size())
     return train(objective, inputs, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
+
+
+def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Consolidate the latest checkpoint of a pretraining run (any ZeRO stage) into ``out_dir``:
+    ``config.json`` + ``model.safetensors`` (``from_pretrained``) and ``beit3_pretrained.pth``, the official layout
+    (``{"model": {beit3.*, mim_head.*, mlm_head.*}}``) that ``load_checkpoint`` and the official fine-tuning code read."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(PretrainConfig, run_dir / RUN_CONFIG_FILE)
+    state = {k[len("model.") :]: v for k, v in export_consolidated_state_dict(run_dir).items() if k.startswith("model.")}
+    if "mim_head.weight" not in state:
+        raise ConfigError(f"'{run_dir}' holds no pretraining checkpoint (no mim_head in its latest checkpoint)")
+    model = BEiT3ForPretraining(model_config(cfg.model.name, **cfg.model.overrides), codebook_size=state["mim_head.weight"].shape[0])
+    load_checkpoint(model, state, strict=True)
+    save_pretrained(model, out_dir)
+    torch.save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, out_dir / OFFICIAL_EXPORT_FILE)
+    return out_dir
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

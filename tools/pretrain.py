@@ -1,0 +1,11 @@
+"""BEiT-3 masked data modeling pretraining.
+
+    deepspeed [--hostfile HOSTFILE] tools/pretrain.py --config configs/pretrain/base.yaml [--set key=value ...]
+    python tools/pretrain.py --config configs/pretrain/demo.yaml --set data.root=DIR --set tokenizer.path=TOK
+"""
+import sys
+
+from beit3.run_pretraining import main
+
+if __name__ == "__main__":
+    sys.exit(main())
