@@ -159,10 +159,6 @@ class VQKD(nn.Module):
         self.decoder = build_vit(config.grid_size, 1, config.code_dim, config, config.decoder_depth)
         self.decode_task_layer = task_layer(config.width, config.width, config.target_dim)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names excluded from weight decay besides biases and norms (official set; codebook is a buffer)."""
-        return {f"{part}.{name}" for part in ("encoder", "decoder") for name in ("cls_token", "pos_embed")}
-
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Check ``images [B,3,S,S]`` and map them to [-1,1] (x255 first when the batch max is <= 1, as official)."""
         size = self.config.img_size
