@@ -85,7 +85,7 @@ class VQKDConfig:
 NAMED_CONFIGS: dict[str, VQKDConfig] = {
     # Unit tests: 32 px, 16 tokens, tiny codebook.
     "vqkd_tiny": VQKDConfig(img_size=32, patch_size=8, width=32, depth=1, decoder_depth=1, codebook_size=64,
-                            code_dim=8, target_dim=16, kmeans_iters=3),
+                            code_dim=8, target_dim=16),
     # CPU demo: 32 px images, patch 4 (64 tokens), codebook 1024 x 32, HOG teacher.
     "vqkd_demo": VQKDConfig(img_size=32, patch_size=4, width=128, depth=4, decoder_depth=1, codebook_size=1024,
                             code_dim=32, target_dim=108),
