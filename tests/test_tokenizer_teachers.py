@@ -72,3 +72,11 @@ def test_hog_feature_dim_formula():
     for patch, cells in ((4, 1), (8, 2), (16, 4)):
         assert HOGTeacher(patch, 9, cells).feature_dim == 3 * 9 * cells * cells
         assert math.isclose(HOGTeacher(patch, 9, cells)(torch.rand(1, 3, 32, 32)).shape[1], (32 / patch) ** 2)
+
+
+def test_hog_norm_floor_keeps_weak_gradients_small():
+    ramp = torch.linspace(0, 0.02, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32).contiguous()
+    plain = HOGTeacher(8, 9, 2)(ramp)
+    floored = HOGTeacher(8, 9, 2, norm_floor=0.1)(ramp)
+    assert plain[0, 5].view(3, 9, 4).norm(dim=1).min() > 0.99  # MaskFeat: every cell scaled to unit length
+    assert floored[0, 5].norm() < 0.2 < plain[0, 5].norm()

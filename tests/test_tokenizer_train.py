@@ -58,7 +58,7 @@ def test_short_training_loop_learns_without_collapse():
     optimizer = torch.optim.AdamW(param_groups(objective, 1e-4), lr=2e-3, betas=(0.9, 0.99))
     images = shape_images(64, 32, seed=1)
     history = []
-    for step in range(40):
+    for step in range(30):
         loss, metrics = objective(images[(step * 16) % 64:][:16])
         optimizer.zero_grad()
         loss.backward()

@@ -9,6 +9,8 @@ Every teacher takes ``[B,3,S,S]`` images in [0,1], runs without gradients and st
 * ``hog``: MaskFeat-style histograms of oriented gradients (Sobel gradients per RGB channel, unsigned orientation
   bins weighted by magnitude, average-pooled over cells, l2-normalised per cell and channel), one vector of
   ``3 * bins * cells_per_side**2`` values per patch. No weights needed. (MaskFeat's Gaussian window is omitted.)
+  A positive ``hog_norm_floor`` divides each cell by ``max(norm, floor)`` instead, so nearly flat cells (weak
+  gradients, quantisation noise) stay small instead of being blown up to unit length.
 * ``pixels``: the patch's pixels normalised by the patch mean and standard deviation (MAE ``norm_pix_loss``).
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ class TeacherConfig:
     apply_head: bool = False  # timm: apply the model's head per token (CLIP's visual projection)
     hog_bins: int = 9
     hog_cells_per_side: int = 2  # hog: cells per patch side; the patch size must be divisible by it
+    hog_norm_floor: float = 0.0  # hog: cell histograms are divided by max(norm, floor); 0 = MaskFeat's l2 norm
 
 
 class FrozenTeacher(nn.Module):
@@ -71,14 +74,15 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 class HOGTeacher(FrozenTeacher):
     """MaskFeat-style HOG features per patch."""
 
-    def __init__(self, patch_size: int, bins: int = 9, cells_per_side: int = 2):
+    def __init__(self, patch_size: int, bins: int = 9, cells_per_side: int = 2, norm_floor: float = 0.0):
         super().__init__()
-        if bins < 1 or cells_per_side < 1 or patch_size % cells_per_side:
+        if bins < 1 or cells_per_side < 1 or patch_size % cells_per_side or norm_floor < 0:
             raise ConfigError(
-                f"HOG teacher: patch_size {patch_size} must be divisible by hog_cells_per_side {cells_per_side} "
-                f"and hog_bins ({bins}) must be >= 1"
+                f"HOG teacher: patch_size {patch_size} must be divisible by hog_cells_per_side {cells_per_side}, "
+                f"hog_bins ({bins}) must be >= 1 and hog_norm_floor ({norm_floor}) >= 0"
             )
         self.patch_size, self.bins, self.cells_per_side = patch_size, bins, cells_per_side
+        self.norm_floor = norm_floor
         self.feature_dim = 3 * bins * cells_per_side ** 2
         sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
         self.register_buffer("sobel", torch.stack([sobel, sobel.t()])[:, None].repeat(3, 1, 1, 1), persistent=False)
@@ -97,7 +101,8 @@ class HOGTeacher(FrozenTeacher):
         hist.scatter_(2, bin_index[:, :, None], magnitude[:, :, None])
         cell = self.patch_size // self.cells_per_side
         hist = F.avg_pool2d(hist.view(b, 3 * self.bins, h, w), cell)
-        hist = F.normalize(hist.view(b, 3, self.bins, h // cell, w // cell), dim=2)
+        hist = hist.view(b, 3, self.bins, h // cell, w // cell)
+        hist = hist / hist.norm(dim=2, keepdim=True).clamp(min=max(self.norm_floor, 1e-12))
         return patchify(hist.view(b, 3 * self.bins, h // cell, w // cell), self.cells_per_side)
 
 
@@ -198,7 +203,7 @@ class TimmTeacher(FrozenTeacher):
 def build_teacher(cfg: TeacherConfig, patch_size: int) -> FrozenTeacher:
     """Build the teacher described by ``cfg`` for a tokenizer with the given patch size."""
     if cfg.kind == "hog":
-        return HOGTeacher(patch_size, cfg.hog_bins, cfg.hog_cells_per_side)
+        return HOGTeacher(patch_size, cfg.hog_bins, cfg.hog_cells_per_side, cfg.hog_norm_floor)
     if cfg.kind == "pixels":
         return PixelTeacher(patch_size)
     if cfg.kind == "timm":
