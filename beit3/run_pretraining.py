@@ -129,6 +129,7 @@ def visual_codes_fn(path: str, precision: str, device: torch.device) -> tuple[Ca
 
 def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -> tuple[MaskedDataModeling, PretrainInputs]:
     """The objective module (what the engine trains) and its resumable, masked input stream for this rank."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's own)
     text_tok = TextTokenizer.from_file(text_tokenizer_path(cfg))
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("vocab_size", text_tok.vocab_size)
