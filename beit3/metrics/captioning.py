@@ -22,13 +22,14 @@ _BLEU_TINY = 1e-15
 _BLEU_SMALL = 1e-9
 _CLITICS = re.compile(r"(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
 _CLITIC_TOKENS = {"n't", "'s", "'re", "'ve", "'ll", "'d", "'m"}
-_NON_WORD = re.compile(r"[^\w\s']")
+_NON_WORD = re.compile(r"[^\w\s'.]|\.(?!\d)|(?<!\d)\.")  # keeps the point of decimal numbers
 
 Captions = Mapping[Hashable, Sequence[str]]
 
 
 def ptb_tokenize(text: str) -> str:
-    """Lowercased, punctuation-free, space-separated tokens (clitics such as ``n't`` and ``'s`` split off)."""
+    """Lowercased, punctuation-free, space-separated tokens (clitics such as ``n't`` and ``'s`` split off; decimal
+    numbers kept whole)."""
     text = _CLITICS.sub(r"\1 \2", _NON_WORD.sub(" ", text.lower()))
     tokens = (w if w in _CLITIC_TOKENS else w.strip("'") for w in text.split())
     return " ".join(t for t in tokens if t)
