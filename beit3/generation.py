@@ -22,6 +22,11 @@ CANDIDATES_PER_BEAM = 3
 INACTIVE_BEAM_SCORE = -1e9
 
 
+def _next_word_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of the last position, in float32 at least (float64 stays float64)."""
+    return F.log_softmax(logits[:, -1], dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
 @dataclass(frozen=True)
 class SpecialTokenIds:
     """The token ids decoding needs: ``<s>`` (bos), ``<pad>``, ``</s>`` (eos) and ``<mask>``."""
@@ -65,7 +70,7 @@ class _CachedSteps:
     def first(self) -> torch.Tensor:
         text = self.images.new_tensor([[self.ids.bos_id, self.ids.mask_id]], dtype=torch.long).expand(self.images.shape[0], 2)
         logits, self.cache = self.model(self.images, text, torch.zeros_like(text), None, text_len=2, incremental_state={})
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
+        return _next_word_log_probs(logits)
 
     def advance(self, beam_idx: torch.Tensor, words: torch.Tensor, cur_len: int) -> torch.Tensor:
         for layer_state in self.cache.values():
@@ -73,7 +78,7 @@ class _CachedSteps:
                 layer_state[key] = value.index_select(0, beam_idx)[:, :, :-1]
         text = torch.stack([words, torch.full_like(words, self.ids.mask_id)], dim=1)
         logits, self.cache = self.model(None, text, None, None, text_len=cur_len, incremental_state=self.cache)
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
+        return _next_word_log_probs(logits)
 
 
 class _RecomputedSteps:
@@ -86,7 +91,7 @@ class _RecomputedSteps:
     def _run(self) -> torch.Tensor:
         text = torch.cat([self.prefix, torch.full_like(self.prefix[:, :1], self.ids.mask_id)], dim=1)
         logits, _ = self.model(self.images, text, torch.zeros_like(text), None)
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
+        return _next_word_log_probs(logits)
 
     def first(self) -> torch.Tensor:
         return self._run()
@@ -133,12 +138,12 @@ def beam_search(
     batch = images.shape[0]
     steps = _steps(model, images.repeat_interleave(num_beams, dim=0), ids, use_cache, max_len)
     device = images.device
-    beam_scores = torch.zeros(batch, num_beams, device=device)
+    logprobs, cur_len = steps.first(), 2
+    beam_scores = torch.zeros(batch, num_beams, dtype=logprobs.dtype, device=device)
     beam_scores[:, 1:] = INACTIVE_BEAM_SCORE
     generated = torch.empty(batch * num_beams, 0, dtype=torch.long, device=device)
     best: list[Optional[Caption]] = [None] * batch
     done = [False] * batch
-    logprobs, cur_len = steps.first(), 2
     while True:
         vocab = logprobs.shape[-1]
         totals = (logprobs + beam_scores.view(-1, 1)).view(batch, num_beams * vocab)
@@ -168,7 +173,7 @@ def beam_search(
             next_beams.extend(live)
         if all(done):
             break
-        beam_scores = torch.tensor([s for s, _, _ in next_beams], device=device).view(batch, num_beams)
+        beam_scores = torch.tensor([s for s, _, _ in next_beams], dtype=logprobs.dtype, device=device).view(batch, num_beams)
         words = torch.tensor([w for _, w, _ in next_beams], dtype=torch.long, device=device)
         beam_idx = torch.tensor([r for _, _, r in next_beams], dtype=torch.long, device=device)
         generated = torch.cat([generated.index_select(0, beam_idx), words[:, None]], dim=1)

@@ -93,7 +93,7 @@ def test_incremental_decoding_equals_full_recomputation(model, images):
         model(None, text, None, None, text_len=9, incremental_state=state)
 
 
-@pytest.mark.parametrize("max_len", [32, 12])
+@pytest.mark.parametrize("max_len", [32, 8])  # 8: the length limit closes the beams
 def test_beam_search_is_identical_with_and_without_cache(model, images, max_len):
     cached = beam_search(model, images, mask_id=MASK_ID, max_len=max_len)
     recomputed = beam_search(model, images, mask_id=MASK_ID, max_len=max_len, use_cache=False)
@@ -101,7 +101,6 @@ def test_beam_search_is_identical_with_and_without_cache(model, images, max_len)
     for a, b in zip(cached, recomputed):
         assert a.score == pytest.approx(b.score, abs=1e-9)
     assert all(2 not in c.token_ids and len(c.token_ids) <= max_len - 2 for c in cached)
-    assert len({len(c.token_ids) for c in beam_search(model, images, mask_id=MASK_ID, max_len=max_len)}) >= 1
 
 
 def sequence_logprob(model, image, words, eos=True):
@@ -128,11 +127,12 @@ def test_greedy_equals_one_beam_and_argmax(model, images):
     tokenizer = types.SimpleNamespace(bos_id=0, pad_id=1, eos_id=2, mask_id=MASK_ID)
     for max_len in (32, 6):
         greedy = greedy_search(model, images, tokenizer, max_len=max_len)
-        assert greedy == greedy_search(model, images, mask_id=MASK_ID, max_len=max_len, use_cache=False)
+        recomputed = greedy_search(model, images, mask_id=MASK_ID, max_len=max_len, use_cache=False)
         one_beam = beam_search(model, images, tokenizer, num_beams=1, length_penalty=0.0, max_len=max_len)
-        assert [c.token_ids for c in greedy] == [c.token_ids for c in one_beam]
-        for g, b in zip(greedy, one_beam):
-            assert g.score == pytest.approx(b.score, abs=1e-9)
+        for other in (recomputed, one_beam):
+            assert [c.token_ids for c in greedy] == [c.token_ids for c in other]
+            for g, o in zip(greedy, other):
+                assert g.score == pytest.approx(o.score, abs=1e-9)
     with torch.no_grad():  # independent check of the first image: argmax of the full recomputation, step by step
         words = []
         while len(words) < 30:
