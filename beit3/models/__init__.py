@@ -2,10 +2,22 @@
 from .backbone import BEiT3, BEiT3Config
 from .checkpoint import CheckpointError, LoadReport, from_pretrained, load_checkpoint, read_state_dict, save_pretrained
 from .registry import create_model, list_models, model_config, register_model, register_model_class
+from .tasks import (
+    BEiT3ForCaptioning,
+    BEiT3ForImageClassification,
+    BEiT3ForRetrieval,
+    BEiT3ForVisualQuestionAnswering,
+    BEiT3ForVisualReasoning,
+)
 
 __all__ = [
     "BEiT3",
     "BEiT3Config",
+    "BEiT3ForCaptioning",
+    "BEiT3ForImageClassification",
+    "BEiT3ForRetrieval",
+    "BEiT3ForVisualQuestionAnswering",
+    "BEiT3ForVisualReasoning",
     "CheckpointError",
     "LoadReport",
     "create_model",

@@ -1,0 +1,203 @@
+"""Image-text retrieval: the official dual encoder ``BEiT3ForRetrieval`` with the CLIP loss over features gathered
+across ranks, plus an optional image-text matching (ITM) head that re-ranks the contrastive top-k (ALBEF/BLIP style).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import BEiT3Config
+from ..heads import BEiT3TaskModel, Pooler, check_batch, init_head
+from ..registry import register_model, register_model_class
+
+# ITM scores outside the re-ranked top-k keep their contrastive order, shifted below every re-ranked pair.
+RERANK_OFFSET = 1e4
+
+
+def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``features`` concatenated along dim 0 (gradients flow back to every rank) and this rank's index;
+    ``(features, 0)`` when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0
+    return torch.cat(dist_nn.all_gather(features.contiguous())), dist.get_rank()
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of the official ``ClipLoss``: local features against the features of all ranks, the
+    positive of local row i being global column ``i + rank * batch``."""
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image features {tuple(image_features.shape)} and text features {tuple(text_features.shape)} differ")
+    all_images, rank = gather_with_grad(image_features)
+    all_texts, _ = gather_with_grad(text_features)
+    logits_per_image = logit_scale * image_features @ all_texts.T
+    logits_per_text = logit_scale * text_features @ all_images.T
+    batch = image_features.shape[0]
+    labels = torch.arange(batch, device=image_features.device) + batch * rank
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class ITMHead(nn.Module):
+    """Image-text matching head: :class:`Pooler` on the vision CLS of the fused image+text sequence, then one
+    match logit (``classifier``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.pooler = Pooler(dim, dim, eps)
+        self.classifier = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(tokens)).squeeze(-1)
+
+
+@register_model_class
+class BEiT3ForRetrieval(BEiT3TaskModel):
+    """Dual encoder: image-only pass -> token 0 -> ``vision_head`` -> L2-norm; text-only pass -> token 0 (BOS) ->
+    ``language_head`` -> L2-norm (both Linear(D, D) without bias); ``logit_scale`` starts at ln(1/0.07).
+
+    ``itm=True`` adds ``itm_head`` (:class:`ITMHead`) on a joint pass of the same backbone: training then adds the
+    ITM loss with hard negatives drawn from the in-batch contrastive similarities, and :meth:`rerank` rescores the
+    contrastive top-k at evaluation.
+    """
+
+    def __init__(self, config: BEiT3Config, itm: bool = False):
+        super().__init__(config, itm=itm)
+        dim = config.embed_dim
+        self.language_head = nn.Linear(dim, dim, bias=False)
+        self.vision_head = nn.Linear(dim, dim, bias=False)
+        init_head(self.language_head)
+        init_head(self.vision_head)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.itm_head = ITMHead(dim, config.layernorm_eps) if itm else None
+        if self.itm_head is not None:
+            init_head(self.itm_head)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"logit_scale"}
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (B, D)."""
+        check_batch("image", image, 4)
+        tokens = self.beit3(visual_tokens=image)["encoder_out"]
+        return F.normalize(self.vision_head(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, text_description: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L2-normalised text embeddings (B, D)."""
+        check_batch("text_description", text_description, 2)
+        tokens = self.beit3(textual_tokens=text_description, text_padding_position=padding_mask)["encoder_out"]
+        return F.normalize(self.language_head(tokens[:, 0]), dim=-1)
+
+    def forward(
+        self,
+        image: Optional[torch.Tensor] = None,
+        text_description: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        only_infer: bool = False,
+        image_id: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        """``only_infer=True``: ``(vision_cls, language_cls)`` (None where the input is None); otherwise
+        ``(loss, vision_cls, language_cls)``. ``image_id`` (optional) keeps captions of the same image from being
+        drawn as ITM negatives."""
+        vision_cls = self.encode_image(image) if image is not None else None
+        language_cls = self.encode_text(text_description, padding_mask) if text_description is not None else None
+        if only_infer:
+            return vision_cls, language_cls
+        if vision_cls is None or language_cls is None:
+            raise ValueError("BEiT3ForRetrieval needs both image and text_description for the loss (or only_infer=True)")
+        loss = clip_loss(vision_cls, language_cls, self.logit_scale.exp())
+        if self.itm_head is not None:
+            loss = loss + self.itm_loss(image, text_description, padding_mask, vision_cls, language_cls, image_id)
+        return loss, vision_cls, language_cls
+
+    # -- image-text matching --------------------------------------------------------------------------------------
+    def _require_itm(self) -> ITMHead:
+        if self.itm_head is None:
+            raise RuntimeError("this BEiT3ForRetrieval has no ITM head; build it with itm=True")
+        return self.itm_head
+
+    def itm_score(self, image: torch.Tensor, text_description: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Match logit (B,) of each (image, text) pair from a joint pass."""
+        head = self._require_itm()
+        outputs = self.beit3(textual_tokens=text_description, visual_tokens=image, text_padding_position=padding_mask)
+        return head(outputs["encoder_out"])
+
+    def itm_loss(
+        self,
+        image: torch.Tensor,
+        text_description: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        vision_cls: torch.Tensor,
+        language_cls: torch.Tensor,
+        image_id: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """BCE over B positives, B (image, hard negative text) and B (hard negative image, text) pairs; negatives are
+        sampled with probability softmax(contrastive similarity) over the other images/texts of the batch."""
+        batch = image.shape[0]
+        with torch.no_grad():
+            ids = torch.arange(batch, device=image.device) if image_id is None else image_id.view(-1)
+            same = ids[:, None] == ids[None, :]
+            if bool(same.all(dim=1).any()):
+                raise ValueError("ITM hard negatives need every image to have a caption of another image in the batch")
+            sim = (vision_cls @ language_cls.T).float() * self.logit_scale.exp().float()
+            negative_text = torch.multinomial(sim.masked_fill(same, float("-inf")).softmax(dim=1), 1).squeeze(1)
+            negative_image = torch.multinomial(sim.T.masked_fill(same, float("-inf")).softmax(dim=1), 1).squeeze(1)
+        images = torch.cat([image, image, image[negative_image]])
+        texts = torch.cat([text_description, text_description[negative_text], text_description])
+        pads = None if padding_mask is None else torch.cat([padding_mask, padding_mask[negative_text], padding_mask])
+        logits = self.itm_score(images, texts, pads)
+        labels = torch.cat([logits.new_ones(batch), logits.new_zeros(2 * batch)])
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+    @torch.no_grad()
+    def rerank(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        itc_scores: torch.Tensor,
+        top_k: int = 16,
+        batch_size: int = 64,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rescore the contrastive top-k with the ITM head (BLIP: ITM logit + contrastive score).
+
+        ``itc_scores`` is (N_images, N_texts). Returns ``(i2t, t2i)`` score matrices of that shape: for i2t each
+        image's top-k texts, for t2i each text's top-k images get the new score; all other entries keep their
+        contrastive score minus a large offset, so they rank below the re-ranked ones in the same order as before.
+        """
+        num_images, num_texts = itc_scores.shape
+        if images.shape[0] != num_images or texts.shape[0] != num_texts:
+            raise ValueError(
+                f"itc_scores is {tuple(itc_scores.shape)} but there are {images.shape[0]} images and {texts.shape[0]} texts"
+            )
+        if top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        i2t_text = itc_scores.topk(min(top_k, num_texts), dim=1).indices
+        t2i_image = itc_scores.topk(min(top_k, num_images), dim=0).indices
+        i2t_pairs = torch.arange(num_images, device=itc_scores.device)[:, None] * num_texts + i2t_text
+        t2i_pairs = t2i_image * num_texts + torch.arange(num_texts, device=itc_scores.device)[None, :]
+        pairs = torch.cat([i2t_pairs.flatten(), t2i_pairs.flatten()]).unique()
+        itm = torch.empty(pairs.shape[0], dtype=itc_scores.dtype, device=itc_scores.device)
+        for start in range(0, pairs.shape[0], batch_size):
+            chunk = pairs[start : start + batch_size]
+            image_idx, text_idx = chunk // num_texts, chunk % num_texts
+            pads = None if padding_mask is None else padding_mask[text_idx]
+            itm[start : start + batch_size] = self.itm_score(images[image_idx], texts[text_idx], pads).to(itm.dtype)
+        rescored = itc_scores.flatten().clone()
+        rescored[pairs] += itm
+        results = []
+        for selected in (i2t_pairs.flatten(), t2i_pairs.flatten()):
+            scores = (itc_scores - RERANK_OFFSET).flatten()
+            scores[selected] = rescored[selected]
+            results.append(scores.view_as(itc_scores))
+        return results[0], results[1]
+
+
+for _size, _res in (("base", 224), ("base", 384), ("large", 384)):
+    register_model(f"beit3_{_size}_patch16_{_res}_retrieval", BEiT3ForRetrieval, _size, img_size=_res, patch_size=16, normalize_output=True)
+register_model("beit3_tiny_patch8_32_retrieval", BEiT3ForRetrieval, "tiny", img_size=32, patch_size=8, normalize_output=True)
