@@ -194,7 +194,8 @@ def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
     state = {k[len("model.") :]: v for k, v in export_consolidated_state_dict(run_dir).items() if k.startswith("model.")}
     if "mim_head.weight" not in state:
         raise ConfigError(f"'{run_dir}' holds no pretraining checkpoint (no mim_head in its latest checkpoint)")
-    model = BEiT3ForPretraining(model_config(cfg.model.name, **cfg.model.overrides), codebook_size=state["mim_head.weight"].shape[0])
+    overrides = {"vocab_size": state["beit3.text_embed.weight"].shape[0], **cfg.model.overrides}
+    model = BEiT3ForPretraining(model_config(cfg.model.name, **overrides), codebook_size=state["mim_head.weight"].shape[0])
     load_checkpoint(model, state, strict=True)
     save_pretrained(model, out_dir)
     torch.save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, out_dir / OFFICIAL_EXPORT_FILE)

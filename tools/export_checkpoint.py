@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from beit3.config import ConfigError
+from beit3.models import CheckpointError
 from beit3.run_pretraining import export_pretrained
 
 
@@ -17,7 +18,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         out = export_pretrained(args.run, args.out)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported to {out}")
