@@ -15,6 +15,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from .config import ConfigError, load_config, to_dict, write_yaml
+from .data.codes import read_codes_meta
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
 from .engine import (
     OptimConfig,
@@ -85,7 +86,10 @@ def check_config(cfg: PretrainConfig) -> None:
     if not root.is_dir():
         raise ConfigError(f"data.root '{root}' is not a directory (make one with tools/make_demo_data.py or tools/convert_dataset.py)")
     needs_codes = batch["image"] or batch["pair"]
-    if needs_codes and not cfg.tokenizer.path:
+    if needs_codes and cfg.data.codes_dir:
+        if not (root / cfg.data.codes_dir).is_dir():
+            raise ConfigError(f"data.codes_dir '{root / cfg.data.codes_dir}' does not exist (write it with tools/tokenize_dataset.py)")
+    elif needs_codes and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.path is empty: image and pair streams need a visual tokenizer (tools/train_tokenizer.py)")
     if needs_codes and not Path(cfg.tokenizer.path).exists():
         raise ConfigError(f"tokenizer.path '{cfg.tokenizer.path}' does not exist")
@@ -127,6 +131,14 @@ def visual_codes_fn(path: str, precision: str, device: torch.device) -> tuple[Ca
     return codes, tok
 
 
+def _check_grid(code_patches: int, model_patches: int, source: str, model_cfg) -> None:
+    if code_patches != model_patches:
+        raise ConfigError(
+            f"{source} gives {code_patches} codes per image, the model has {model_patches} patches: the patch grids "
+            f"must match (model img_size/patch_size = {model_cfg.img_size}/{model_cfg.patch_size})"
+        )
+
+
 def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -> tuple[MaskedDataModeling, PretrainInputs]:
     """The objective module (what the engine trains) and its resumable, masked input stream for this rank."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's own)
@@ -146,14 +158,14 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         raise ConfigError(f"data.image_size={cfg.data.image_size} but model '{cfg.model.name}' takes {model_cfg.img_size} px images")
     grid = model_cfg.img_size // model_cfg.patch_size
     codes_fn, codebook_size = None, None
-    if cfg.data.image_batch or cfg.data.pair_batch:
+    if cfg.data.codes_dir and (cfg.data.image_batch or cfg.data.pair_batch):
+        meta = read_codes_meta(Path(cfg.data.root) / cfg.data.codes_dir)
+        codebook_size = int(meta["codebook_size"])
+        _check_grid(int(meta["num_patches"]), grid * grid, f"precomputed codes '{cfg.data.codes_dir}'", model_cfg)
+    elif cfg.data.image_batch or cfg.data.pair_batch:
         codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device())
         codebook_size = tok.config.codebook_size
-        if tok.config.grid_size != grid:
-            raise ConfigError(
-                f"visual tokenizer '{cfg.tokenizer.path}' codes a {tok.config.grid_size}x{tok.config.grid_size} patch grid, "
-                f"the model a {grid}x{grid} one: they must match (model img_size/patch_size = {model_cfg.img_size}/{model_cfg.patch_size})"
-            )
+        _check_grid(tok.config.num_patches, grid * grid, f"visual tokenizer '{cfg.tokenizer.path}'", model_cfg)
         if cfg.data.tokenizer_image_size != tok.config.img_size:
             raise ConfigError(f"data.tokenizer_image_size={cfg.data.tokenizer_image_size} but the visual tokenizer takes {tok.config.img_size} px")
     model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192)

@@ -164,3 +164,31 @@ def test_bad_configs_stop_at_once_naming_the_key(demo, tmp_path, capsys, overrid
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def test_pretraining_from_precomputed_codes(demo, tmp_path):
+    """tools/tokenize_dataset.py codes both image indexes; pretraining then reads codes instead of the tokenizer."""
+    from beit3.config import load_config
+    from beit3.run_pretraining import PretrainConfig, build_pretraining
+    from tokenizer import load_tokenizer
+
+    root = demo["root"]
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools/tokenize_dataset.py"), "--tokenizer", str(demo["tok"]), "--index",
+         str(root / "imagenet.train.index.jsonl"), str(root / "coco_retrieval.train.jsonl"), "--root", str(root),
+         "--out", str(root / "codes"), "--resize", "64"],
+        check=True, env=_env(), cwd=ROOT, capture_output=True, timeout=300,
+    )
+    overrides = [f"data.root={root}", "tokenizer.path=", "data.codes_dir=codes", f"output_dir={tmp_path}", *TINY]
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/demo.yaml", overrides)
+    objective, inputs = build_pretraining(cfg)
+    batch = next(iter(inputs))
+    for stream in ("image", "pair"):
+        assert "tokenizer_image" not in batch[stream] and batch[stream]["codes"].shape == (6, 64)
+    # the codes are the tokenizer's codes of the fixed center crop the model sees
+    tok = load_tokenizer(demo["tok"])
+    view01 = batch["image"]["image"] * 0.5 + 0.5
+    agreement = (tok.get_codebook_indices(view01) == batch["image"]["codes"]).float().mean()
+    assert agreement > 0.9
+    loss, metrics = objective(batch)
+    assert torch.isfinite(loss) and {"loss_image", "loss_pair"} <= metrics.keys()

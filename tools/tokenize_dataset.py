@@ -18,8 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", required=True, help="our tokenizer directory or an official VQ-KD .pth")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image folder (all images below it)")
-    source.add_argument("--index", help="JSONL index with image_path entries relative to --root")
-    parser.add_argument("--root", help="data root for --index (default: the index file's folder)")
+    source.add_argument("--index", nargs="+", help="JSONL index file(s) with image_path entries relative to --root; "
+                        "several files are coded into one directory (e.g. the image and the pair stream's indexes)")
+    parser.add_argument("--root", help="data root for --index (default: the first index file's folder)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default S*256/224)")
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.images:
         root, paths = Path(args.images), list_image_folder(args.images)
     else:
-        root, paths = Path(args.root or Path(args.index).parent), read_jsonl_index(args.index)
+        root = Path(args.root or Path(args.index[0]).parent)
+        paths = list(dict.fromkeys(p for index in args.index for p in read_jsonl_index(index)))
     tokenizer = load_tokenizer(args.tokenizer, device=args.device)
     out = tokenize_images(tokenizer, root, paths, args.out, batch_size=args.batch_size, resize=args.resize,
                           num_workers=args.num_workers, tokenizer_name=str(args.tokenizer))

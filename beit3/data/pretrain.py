@@ -18,12 +18,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from beit3.data.codes import PrecomputedCodes
 from beit3.data.readers import SkipSample
 from beit3.data.sources import open_image_source, open_pair_source, open_text_source
 from beit3.data.transforms import TwoViewTransform
@@ -49,6 +50,7 @@ class PretrainDataConfig:
     min_crop_scale: float = 0.2
     color_jitter: float = 0.4
     max_text_len: int = 64
+    codes_dir: str = ""  # precomputed visual codes (tools/tokenize_dataset.py), relative to root; "" = online tokenizer
     num_workers: int = 2
     prefetch_factor: int = 2
     max_skip_fraction: float = 0.01
@@ -89,14 +91,19 @@ class _Stream:
             self._perm_epoch = epoch
         return int(self._perm[offset])
 
-    def load(self, rank: int, world_size: int, step: int, slot: int, skips: Counter) -> tuple[dict, random.Random]:
-        """The sample for a slot, replacing unusable ones; returns it with its augmentation RNG."""
+    def load(self, rank: int, world_size: int, step: int, slot: int, skips: Counter,
+             image_views: Callable[[dict, random.Random], tuple]) -> tuple[dict, random.Random]:
+        """The sample for a slot with its image ``view`` and ``target`` (``image_views``), replacing unusable
+        samples; returns it with its augmentation RNG."""
         index = self.index_at((step * world_size + rank) * self.batch + slot)
         reasons = []
         for attempt in range(self.max_replacements + 1):
             try:
                 sample = self.source.load(index)
-                return sample, random.Random(_seed(self.seed, self.code, rank, step, slot, attempt))
+                rng = random.Random(_seed(self.seed, self.code, rank, step, slot, attempt))
+                if "image" in sample:
+                    sample["view"], sample["target"] = image_views(sample, rng)
+                return sample, rng
             except SkipSample as err:
                 skips[err.reason] += 1
                 reasons.append(str(err))
@@ -119,28 +126,37 @@ class PretrainStepDataset(Dataset):
     """Map-style dataset whose item ``step`` is the complete batch dict of that step for one rank."""
 
     def __init__(self, streams: list[_Stream], transform: TwoViewTransform, tokenizer: TextTokenizer,
-                 max_text_len: int, rank: int, world_size: int):
+                 max_text_len: int, rank: int, world_size: int, codes: PrecomputedCodes | None = None):
         self.streams, self.transform, self.tokenizer = streams, transform, tokenizer
         self.max_text_len, self.rank, self.world_size = max_text_len, rank, world_size
+        self.codes = codes
+
+    def _image_views(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model view, tokenizer view in [0, 1]) or, with precomputed codes, (fixed model view, codes)."""
+        if self.codes is None:
+            return self.transform(sample["image"], rng)
+        if "image_path" not in sample:
+            raise ValueError("data.codes_dir needs image sources with image paths (JSONL indexes or image folders)")
+        return self.codes(sample["image"], sample["image_path"])
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, step: int) -> tuple[dict, dict]:
         batch, skips = {}, Counter()
+        target = "tokenizer_image" if self.codes is None else "codes"
         for stream in self.streams:
-            images, tok_images, texts = [], [], []
+            images, targets, texts = [], [], []
             for slot in range(stream.batch):
-                sample, rng = stream.load(self.rank, self.world_size, step, slot, skips)
-                if "image" in sample:
-                    view, tok_view = self.transform(sample["image"], rng)
-                    images.append(view)
-                    tok_images.append(tok_view)
+                sample, rng = stream.load(self.rank, self.world_size, step, slot, skips, self._image_views)
+                if "view" in sample:
+                    images.append(sample["view"])
+                    targets.append(sample["target"])
                 if "text_ids" in sample:
                     texts.append(sample["text_ids"])
             out = {}
             if images:
-                out["image"], out["tokenizer_image"] = torch.stack(images), torch.stack(tok_images)
+                out["image"], out[target] = torch.stack(images), torch.stack(targets)
             if texts:
                 out["text_tokens"], out["padding_mask"] = self.tokenizer.pad_ids(texts, self.max_text_len)
             batch[stream.name] = out
@@ -218,6 +234,7 @@ def build_pretrain_batches(cfg: PretrainDataConfig, text_tokenizer: TextTokenize
     for stream in streams:
         stream.probe()
     transform = TwoViewTransform(cfg.image_size, cfg.tokenizer_image_size, cfg.min_crop_scale, cfg.color_jitter)
-    dataset = PretrainStepDataset(streams, transform, text_tokenizer, cfg.max_text_len, rank, world_size)
+    codes = PrecomputedCodes(root / cfg.codes_dir, cfg.image_size) if cfg.codes_dir else None
+    dataset = PretrainStepDataset(streams, transform, text_tokenizer, cfg.max_text_len, rank, world_size, codes)
     return PretrainBatches(dataset, cfg.num_workers, cfg.prefetch_factor, cfg.max_skip_fraction,
                            cfg.skip_check_min_samples)

@@ -54,6 +54,7 @@ class JsonlSource:
             sample["text_ids"] = _text_ids(item["text_segment"], f"{self.path} item {index}")
         if self.with_image:
             sample["image"] = load_image(self.root / item["image_path"])
+            sample["image_path"] = item["image_path"]
         return sample
 
 
@@ -68,7 +69,8 @@ class FolderSource:
         return len(self.samples)
 
     def load(self, index: int) -> dict:
-        return {"image": load_image(self.folder / self.samples[index][0])}
+        path = self.samples[index][0]
+        return {"image": load_image(self.folder / path), "image_path": path}
 
 
 class ShardSource:

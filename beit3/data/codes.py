@@ -1,0 +1,60 @@
+"""Precomputed visual-token codes (written by ``tools/tokenize_dataset.py``) as a pretraining target source.
+
+With ``data.codes_dir`` set, image-bearing streams skip the online tokenizer: each image gets the fixed view its
+codes were computed on (bicubic resize of the shorter side + center crop, no flip or jitter), normalised for the
+model, and its codes are looked up by ``image_path``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from tokenizer.precomputed import META_FILE, load_precomputed_codes
+
+from .readers import SkipSample
+from .transforms import BEIT3_MEAN, BEIT3_STD
+
+
+def read_codes_meta(directory: str | Path) -> dict:
+    """``codes_meta.json`` of a precomputed-codes directory (tokenizer, img_size, resize, num_patches, codebook_size)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"'{directory}' is not a precomputed-codes directory: {META_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+class PrecomputedCodes:
+    """Codes of a ``tokenize_dataset`` directory, looked up by image path, plus the matching fixed model view."""
+
+    def __init__(self, directory: str | Path, image_size: int):
+        self.directory = Path(directory)
+        self.rows, self.codes = load_precomputed_codes(self.directory)
+        self.meta = read_codes_meta(self.directory)
+        crop = int(self.meta["img_size"])
+        self.view = T.Compose([
+            T.Resize(int(self.meta["resize"]), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(crop),
+            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC) if image_size != crop else T.Lambda(lambda x: x),
+            T.ToTensor(),
+            T.Normalize(BEIT3_MEAN, BEIT3_STD),
+        ])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.meta["codebook_size"])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.meta["num_patches"])
+
+    def __call__(self, image: Image.Image, image_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model view, codes LongTensor [N]) of one image; an image without codes is skipped as ``no_codes``."""
+        row = self.rows.get(image_path)
+        if row is None:
+            raise SkipSample("no_codes", f"'{image_path}' has no codes in '{self.directory}'")
+        return self.view(image), torch.from_numpy(self.codes[row].astype("int64"))
