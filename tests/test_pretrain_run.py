@@ -25,7 +25,9 @@ TINY = [
 
 
 def _env():
-    env = dict(os.environ)
+    # in-process engine tests leave RANK/MASTER_PORT/... of their own process group in os.environ: drop them
+    distributed = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in distributed}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
@@ -34,6 +36,11 @@ def _env():
 
 def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
+
+
+def _run(cmd, timeout=600):
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _read_log(out):
@@ -46,12 +53,9 @@ def demo(tmp_path_factory):
     root = base / "data"
     make_demo_data(root, num_images=120, image_size=64, seed=0)
     tok = base / "tok"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--config", str(ROOT / "configs/tokenizer/demo.yaml"),
-         *_sets([f"data.root={root}", f"output_dir={tok}", "train.steps=6", "train.log_every=2", "data.image_batch=16",
-                 "data.num_workers=0"])],
-        check=True, env=_env(), cwd=ROOT, capture_output=True, timeout=300,
-    )
+    _run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--config", str(ROOT / "configs/tokenizer/demo.yaml"),
+          *_sets([f"data.root={root}", f"output_dir={tok}", "train.steps=6", "train.log_every=2", "data.image_batch=16",
+                  "data.num_workers=0"])])
     return {"base": base, "root": root, "tok": tok}
 
 
@@ -61,11 +65,6 @@ def _pretrain_cmd(demo, out, *extra):
         *_sets([f"data.root={demo['root']}", f"tokenizer.path={demo['tok']}", f"train.steps={STEPS}", f"output_dir={out}",
                 *TINY, *extra]),
     ]
-
-
-def _run(cmd, timeout=600):
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_tokenizer_tool_contract(demo):
@@ -110,8 +109,7 @@ def test_two_ranks_zero3_learns_and_exports_official_layout(demo):
     _run(_pretrain_cmd(demo, out, "train.zero_stage=3"))
     _assert_streams_learn(_read_log(out))
     export = demo["base"] / "zero3_export"
-    subprocess.run([sys.executable, str(ROOT / "tools/export_checkpoint.py"), "--run", str(out), "--out", str(export)],
-                   check=True, env=_env(), cwd=ROOT, capture_output=True, timeout=300)
+    _run([sys.executable, str(ROOT / "tools/export_checkpoint.py"), "--run", str(out), "--out", str(export)])
     official = torch.load(export / "beit3_pretrained.pth", weights_only=True)["model"]
     assert {"mim_head.weight", "mlm_head.weight"} <= official.keys()
     vocab = official["mlm_head.weight"].shape[0]
@@ -173,12 +171,9 @@ def test_pretraining_from_precomputed_codes(demo, tmp_path):
     from tokenizer import load_tokenizer
 
     root = demo["root"]
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools/tokenize_dataset.py"), "--tokenizer", str(demo["tok"]), "--index",
-         str(root / "imagenet.train.index.jsonl"), str(root / "coco_retrieval.train.jsonl"), "--root", str(root),
-         "--out", str(root / "codes"), "--resize", "64"],
-        check=True, env=_env(), cwd=ROOT, capture_output=True, timeout=300,
-    )
+    _run([sys.executable, str(ROOT / "tools/tokenize_dataset.py"), "--tokenizer", str(demo["tok"]), "--index",
+          str(root / "imagenet.train.index.jsonl"), str(root / "coco_retrieval.train.jsonl"), "--root", str(root),
+          "--out", str(root / "codes"), "--resize", "64"])
     overrides = [f"data.root={root}", "tokenizer.path=", "data.codes_dir=codes", f"output_dir={tmp_path}", *TINY]
     cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/demo.yaml", overrides)
     objective, inputs = build_pretraining(cfg)
