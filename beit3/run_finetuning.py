@@ -24,7 +24,7 @@ from .finetune import (TASKS, CaptioningOptions, ClassificationOptions, EvalCall
                        write_predictions)
 from .finetune.data import require_keys
 from .finetune.evaluation import BEST_DIR, BEST_METRICS_FILE
-from .models import create_model, from_pretrained, load_checkpoint, model_config, read_state_dict
+from .models import CheckpointError, create_model, from_pretrained, load_checkpoint, model_config, read_state_dict
 from .models.checkpoint import CONFIG_FILE as MODEL_CONFIG_FILE
 from .text import TextTokenizer
 
@@ -208,7 +208,10 @@ def build_model(cfg: FinetuneConfig, tokenizer: TextTokenizer, train_items: list
         raise ConfigError(f"model vocab_size {model.config.vocab_size} is smaller than the text tokenizer's "
                           f"{tokenizer.vocab_size} ('{_tokenizer_path(cfg)}')")
     if state is not None:
-        report = load_checkpoint(model, state)
+        try:
+            report = load_checkpoint(model, state)
+        except CheckpointError as err:
+            raise ConfigError(f"model.init_from '{cfg.model.init_from}': {err}") from err
         if get_rank() == 0:
             print(f"[beit3.finetune] loaded {cfg.model.init_from}: {report}", flush=True)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -54,7 +55,7 @@ class EvalResult:
     predictions_name: str = ""
 
 
-class FinetuneTask:
+class FinetuneTask(ABC):
     """One downstream task: which index files and model it uses, how an index item becomes a training or evaluation
     sample, its loss, its per-sample predictions and how they are scored.
 
@@ -77,11 +78,13 @@ class FinetuneTask:
         return {}
 
     # -- data ----------------------------------------------------------------------------------------------------
+    @abstractmethod
     def train_sample(self, ctx: TaskContext, transform: Callable, item: dict, rng: random.Random) -> dict:
-        raise NotImplementedError
+        """One training sample (tensors/ints) from an index item; ``rng`` for the task's own random draws."""
 
+    @abstractmethod
     def eval_sample(self, ctx: TaskContext, transform: Callable, item: dict, rng: random.Random) -> dict:
-        raise NotImplementedError
+        """One evaluation sample from an index item."""
 
     def train_samples(self, ctx: TaskContext, items: list[dict]) -> SampleDataset:
         transform = ctx.transform(train=True)
@@ -98,16 +101,17 @@ class FinetuneTask:
     collate: Collate = staticmethod(default_collate)
 
     # -- training and evaluation ---------------------------------------------------------------------------------
+    @abstractmethod
     def training_loss(self, model: nn.Module, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """``(loss, metrics)`` of one training batch."""
 
+    @abstractmethod
     def predict(self, model: nn.Module, batch: dict, ctx: TaskContext) -> list[dict]:
         """Per-sample records (plain Python/CPU tensors) of one evaluation batch; padding rows are dropped later."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, model: nn.Module, records: list[dict], ctx: TaskContext, split: str) -> EvalResult:
         """Metrics (and predictions file) from the records of the whole split; runs on every rank."""
-        raise NotImplementedError
 
 
 class FinetuneObjective(nn.Module):
