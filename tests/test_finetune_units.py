@@ -96,3 +96,16 @@ def test_head_lr_weight_applies_to_heads_only_without_layer_decay(tmp_path):
     assert decayed_scale["model.beit3.text_embed.weight"] == 0.5 ** (depth + 1)
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert {"model.beit3.vision_embed.cls_token", "model.beit3.encoder.embed_positions.A.weight"} <= no_decay
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs/finetune").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    from beit3.config import load_config
+    from beit3.finetune import TASKS
+    from beit3.models import model_config
+    from beit3.run_finetuning import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.task in TASKS and path.stem.removeprefix("demo_") in (cfg.task, cfg.task.split("_")[-1], "vqav2")
+    assert model_config(cfg.model.name, **{k: v for k, v in cfg.model.overrides.items() if k != "itm"}).img_size == cfg.data.image_size
