@@ -317,7 +317,7 @@ def test_training_hooks():
     model = build("retrieval")
     assert model.no_weight_decay() == {"beit3.encoder.embed_positions.A.weight", "beit3.vision_embed.cls_token", "logit_scale"}
     depth = model.config.depth
-    assert model.num_layers_for_lr_decay() == depth + 2
+    assert model.num_layers_for_lr_decay() == depth  # engine scale decay ** (depth + 1 - id): 1 at the top
     assert model.get_layer_id("beit3.text_embed.weight") == 0
     assert model.get_layer_id("beit3.encoder.embed_positions.B.weight") == 0
     assert model.get_layer_id("beit3.encoder.layers.1.ffn.A.fc1.weight") == 2

@@ -69,7 +69,8 @@ class PretrainDataConfig:
             raise ValueError(f"data.max_text_len must be >= 3, got {self.max_text_len}")
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed that is a pure function of the integer ``parts`` (numpy SeedSequence)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
@@ -87,7 +88,7 @@ class _Stream:
     def index_at(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.source))
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng(_seed(self.seed, self.code, epoch)).permutation(len(self.source))
+            self._perm = np.random.default_rng(derive_seed(self.seed, self.code, epoch)).permutation(len(self.source))
             self._perm_epoch = epoch
         return int(self._perm[offset])
 
@@ -100,14 +101,14 @@ class _Stream:
         for attempt in range(self.max_replacements + 1):
             try:
                 sample = self.source.load(index)
-                rng = random.Random(_seed(self.seed, self.code, rank, step, slot, attempt))
+                rng = random.Random(derive_seed(self.seed, self.code, rank, step, slot, attempt))
                 if "image" in sample:
                     sample["view"], sample["target"] = image_views(sample, rng)
                 return sample, rng
             except SkipSample as err:
                 skips[err.reason] += 1
                 reasons.append(str(err))
-                index = random.Random(_seed(self.seed, self.code, rank, step, slot, attempt, 1)).randrange(len(self.source))
+                index = random.Random(derive_seed(self.seed, self.code, rank, step, slot, attempt, 1)).randrange(len(self.source))
         raise RuntimeError(f"{self.name} source '{self.source.location}': {len(reasons)} samples in a row were unusable: {reasons[:3]}")
 
     def probe(self) -> None:
@@ -163,7 +164,9 @@ class PretrainStepDataset(Dataset):
         return batch, dict(skips)
 
 
-class _StepsFrom(Sampler):
+class StepsFrom(Sampler):
+    """Endless sampler of step numbers ``start, start + 1, ...`` (a loader item is a whole step)."""
+
     def __init__(self, start: int):
         self.start = start
 
@@ -207,7 +210,7 @@ class PretrainBatches:
 
     def __iter__(self) -> Iterator[dict]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-        loader = DataLoader(self.dataset, batch_size=None, sampler=_StepsFrom(self.next_step),
+        loader = DataLoader(self.dataset, batch_size=None, sampler=StepsFrom(self.next_step),
                             num_workers=self.num_workers, **extra)
         for batch, skips in loader:
             self._skips.update(skips)

@@ -63,7 +63,8 @@ class OptimConfig:
     """AdamW + linear warmup + cosine schedule (per optimizer step).
 
     ``lr``/``min_lr`` are scaled per parameter group by the layer-decay scale (``layer_decay`` < 1 needs
-    ``model.get_layer_id(name)`` and ``model.num_layers_for_lr_decay()``).
+    ``model.get_layer_id(name)`` and ``model.num_layers_for_lr_decay()``). With ``layer_decay`` = 1,
+    ``head_lr_weight`` multiplies the lr of the task-head parameters (official ``--task_head_lr_weight``).
     """
 
     lr: float = 2e-3
@@ -73,6 +74,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     layer_decay: float = 1.0
+    head_lr_weight: float = 1.0
 
     def __post_init__(self):
         if self.lr < 0:
@@ -89,6 +91,8 @@ class OptimConfig:
             raise ConfigError(f"config key 'eps' must be > 0, got {self.eps}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"config key 'layer_decay' must be in (0, 1], got {self.layer_decay}")
+        if self.head_lr_weight <= 0:
+            raise ConfigError(f"config key 'head_lr_weight' must be > 0, got {self.head_lr_weight}")
         self.betas = tuple(float(b) for b in self.betas)
 
 

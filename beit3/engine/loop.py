@@ -1,6 +1,7 @@
 """``train()``: the DeepSpeed training loop shared by tokenizer training, BEiT-3 pretraining and fine-tuning."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -66,6 +67,33 @@ def _quiet_deepspeed() -> None:
         ds_logger.setLevel(logging.WARNING)
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def _scalar_params_as_vectors(model: nn.Module):
+    """While DeepSpeed initialises, give 0-dim parameters (e.g. CLIP's ``logit_scale``) shape (1,) for the duration
+    of its start-up parameter broadcast only: that broadcast views every parameter as bytes, which fails for 0-dim
+    tensors. Shapes are back before DeepSpeed sets up the optimizer and gradient hooks."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    original = DeepSpeedEngine._broadcast_model
+
+    def broadcast(engine_self):
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original(engine_self)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    if scalars:
+        DeepSpeedEngine._broadcast_model = broadcast
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
 
 
 class _Interval:
@@ -143,8 +171,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     group_hypers = [{k: g[k] for k in hyper_keys if k in g} for g in optimizer.param_groups]
     scheduler = WarmupCosineSchedule(optimizer, lambda s: lr_factor(s, optim_cfg, train_cfg.steps))
     ds_config = build_deepspeed_config(train_cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+    with _scalar_params_as_vectors(model):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, dist_init_required=False)
     float_dtype = torch.bfloat16 if train_cfg.precision == "bf16" else None
 
     # ------------------------------------------------------------------------------------------------ auto-resume

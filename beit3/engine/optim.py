@@ -23,6 +23,8 @@ def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
     - no weight decay for ``ndim <= 1`` tensors, names ending in ``.bias`` and names in ``model.no_weight_decay()``;
     - with ``optim_cfg.layer_decay < 1`` and a model defining ``get_layer_id(name) -> int`` and
       ``num_layers_for_lr_decay() -> L``: ``lr_scale = layer_decay ** (L + 1 - layer_id)``;
+    - with ``optim_cfg.layer_decay >= 1`` and ``head_lr_weight != 1``: ``lr_scale = head_lr_weight`` for the task-head
+      parameters, named by ``model.head_parameters()`` or else those whose name starts with ``head``;
     - empty groups are dropped.
 
     Each group carries ``lr`` (= base lr * lr_scale), ``lr_scale``, ``weight_decay`` and ``group_name``.
@@ -32,6 +34,8 @@ def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
         optim_cfg.layer_decay < 1.0 and hasattr(model, "get_layer_id") and hasattr(model, "num_layers_for_lr_decay")
     )
     num_layers = int(model.num_layers_for_lr_decay()) if use_layer_decay else 0
+    use_head_weight = optim_cfg.layer_decay >= 1.0 and optim_cfg.head_lr_weight != 1.0
+    heads = set(model.head_parameters()) if use_head_weight and hasattr(model, "head_parameters") else None
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -39,6 +43,9 @@ def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
         no_decay = _param_ndim(param) <= 1 or name.endswith(".bias") or name in skip
         layer_id = int(model.get_layer_id(name)) if use_layer_decay else None
         scale = optim_cfg.layer_decay ** (num_layers + 1 - layer_id) if use_layer_decay else 1.0
+        is_head = use_head_weight and (name in heads if heads is not None else name.startswith("head"))
+        if is_head:
+            scale, layer_id = optim_cfg.head_lr_weight, -1
         key = (layer_id, no_decay)
         if key not in groups:
             tag = "no_decay" if no_decay else "decay"
@@ -47,7 +54,7 @@ def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
                 "weight_decay": 0.0 if no_decay else optim_cfg.weight_decay,
                 "lr_scale": scale,
                 "lr": optim_cfg.lr * scale,
-                "group_name": f"layer{layer_id}_{tag}" if use_layer_decay else tag,
+                "group_name": "head_" + tag if is_head else f"layer{layer_id}_{tag}" if use_layer_decay else tag,
             }
         groups[key]["params"].append(param)
     return [g for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])) if g["params"]]

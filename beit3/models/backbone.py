@@ -229,7 +229,9 @@ class BEiT3(nn.Module):
         return {"encoder.embed_positions.A.weight", "vision_embed.cls_token"}
 
     def num_layers_for_lr_decay(self) -> int:
-        return self.config.depth + 2
+        """L of the engine's layer decay ``decay ** (L + 1 - layer_id)``: the depth (official ``get_num_layers``), so
+        the top id ``depth + 1`` gets scale 1."""
+        return self.config.depth
 
     def get_layer_id(self, name: str) -> int:
         """Layer-wise lr decay id: 0 for embeddings, i+1 for ``layers.i.``, depth+1 for everything else."""

@@ -46,7 +46,7 @@ class BEiT3TaskModel(nn.Module):
         prefix = BACKBONE_ATTRIBUTE + "."
         if name.startswith(prefix):
             return self.beit3.get_layer_id(name[len(prefix) :])
-        return self.num_layers_for_lr_decay() - 1
+        return self.num_layers_for_lr_decay() + 1
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.beit3.set_grad_checkpointing(enable)
