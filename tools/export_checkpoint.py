@@ -1,4 +1,4 @@
-"""Export the latest checkpoint of a pretraining run as safetensors (config.json + model.safetensors) and as an (see `beit3.cli.export_checkpoint_main`)."""
+"""Export a pretraining run as safetensors and as an official-layout beit3_pretrained.pth (see `beit3.cli.export_checkpoint_main`)."""
 import sys
 
 from beit3.cli import export_checkpoint_main
