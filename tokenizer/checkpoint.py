@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from beit3.config import ConfigError, from_dict
+from beit3.errors import CheckpointError
 from tokenizer.vqkd import CONFIG_FILE, VQKD, WEIGHTS_FILE, VQKDConfig
 
 DROPPED_PREFIXES = ("teacher", "scaling", "loss")
@@ -31,7 +32,7 @@ REQUIRED_KEYS = (
 )
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(CheckpointError):
     """A checkpoint that is not a VQ-KD tokenizer in a layout we know."""
 
 
