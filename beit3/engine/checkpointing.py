@@ -168,7 +168,12 @@ def checkpoint_problem(tag_dir: str | Path) -> str | None:
     manifest = tag_dir / MANIFEST
     if not manifest.is_file():
         if (tag_dir / "rank0_state.pt").is_file() and any(tag_dir.glob("*model_states.pt")):
-            return None
+            try:
+                world = int(load_rank_state(tag_dir, 0).get("world_size", 1))
+            except (CheckpointError, FileNotFoundError, TypeError, ValueError) as err:
+                return str(err)
+            missing = [f"rank{r}_state.pt" for r in range(world) if not (tag_dir / f"rank{r}_state.pt").is_file()]
+            return f"'{tag_dir}' lacks {', '.join(missing)}" if missing else None
         return f"'{tag_dir}' has no {MANIFEST} (the save did not finish)"
     try:
         files = json.loads(manifest.read_text())["files"]
@@ -302,7 +307,7 @@ def load_rank_state(tag_dir: str | Path, rank: int) -> dict:
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints dir, tag) for an output dir, a checkpoints dir (with ``latest``) or a tag dir."""
     path = Path(path)
-    if (path / "checkpoints" / "latest").is_file():
+    if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if (path / "latest").is_file() or any(step_of_tag(p.name) is not None for p in path.glob("step*")):
         tag, notes = find_resume_tag(path)

@@ -49,7 +49,7 @@ def safe_torch_load(path, map_location=None, **kwargs):
             return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
         found = re.search(r"(?:Unsupported global|unsupported GLOBAL|GLOBAL) (\S+)", str(err))
-        what = found.group(1) if found else "unsupported pickle data"
+        what = found.group(1) if found else str(err).strip().splitlines()[0][:200]
         raise CheckpointError(
             f"checkpoint file '{path}' holds a pickled object that is not plain data ({what}) and is refused: "
             "checkpoints are only read with torch.load(weights_only=True), so no code in a file can run"
