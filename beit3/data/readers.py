@@ -60,13 +60,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"index file '{path}' does not exist")
     items = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"index file '{path}' line {number}: not UTF-8 text ({err})") from err
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"index file '{path}' line {number}: not valid JSON ({err})") from err
             if not isinstance(item, dict):
                 raise ValueError(f"index file '{path}' line {number}: expected a JSON object, got {item!r}")

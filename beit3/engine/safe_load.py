@@ -54,8 +54,9 @@ def safe_torch_load(path, map_location=None, **kwargs):
             f"checkpoint file '{path}' holds a pickled object that is not plain data ({what}) and is refused: "
             "checkpoints are only read with torch.load(weights_only=True), so no code in a file can run"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint file '{path}' is unreadable (truncated or not a torch file?): {err}") from err
+    except Exception as err:  # torch's unpickler raises many types on corrupt data (EOFError, IndexError, ...)
+        raise CheckpointError(f"checkpoint file '{path}' is unreadable (truncated or not a torch file?): "
+                              f"{type(err).__name__}: {err}") from err
 
 
 def install_safe_loader(engine) -> bool:
