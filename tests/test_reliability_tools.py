@@ -130,3 +130,32 @@ def test_tokenizer_unwritable_output_and_too_little_disk(env, tmp_path, out, cap
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     assert tokenizer(env, out) == 2
     assert_clean_error(capsys, out, "not enough free disk space")
+
+
+def test_pretrain_data_faults_are_counted_logged_and_stop_the_run_cleanly(env, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(env / "data", data)
+    items = [json.loads(line) for line in (data / "imagenet.train.index.jsonl").read_text().splitlines()]
+    for i, item in enumerate(items):
+        if i % 3 == 1:
+            (data / item["image_path"]).write_bytes(b"\xff\xd8 truncated jpeg")
+        elif i % 3 == 2:
+            (data / item["image_path"]).unlink()
+    out = tmp_path / "out"
+    rc = run_pretraining.main([
+        "--config", str(REPO / "configs/pretrain/demo.yaml"), "--set", f"data.root={data}",
+        f"tokenizer.path={env / 'tok'}", f"output_dir={out}", *TINY, "train.steps=40", "train.save_every=1",
+        "train.log_every=1", "data.max_skip_fraction=0.2", "data.skip_check_min_samples=30"])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "data fault at step" in line[0] and "max_skip_fraction=0.2" in line[0], err[-2000:]
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert log and set(log[-1]["data_skips"]) == {"corrupt_image", "missing_file"}, log[-1]
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == f"step{log[-1]['step']:08d}" and latest in line[0]  # the last good checkpoint is named
+    from beit3.engine.checkpointing import checkpoint_problem
+
+    assert checkpoint_problem(out / "checkpoints" / latest) is None
