@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,11 @@ from tokenizer.train import NO_DECAY_SUFFIXES, TokenizerObjectiveConfig, VQKDObj
 
 from .config import ConfigError, load_config, to_dict, write_yaml
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
-from .engine import OptimConfig, TrainConfig, add_common_args, barrier, export_consolidated_state_dict, get_rank, get_world_size, init_distributed, train
+from .engine import (OptimConfig, TrainConfig, TrainingStopped, add_common_args, barrier, build_deepspeed_config,
+                     check_checkpoint_space, export_consolidated_state_dict, get_rank, get_world_size,
+                     init_distributed, train)
+from .errors import CheckpointError
+from .startup import check_data, check_output_dir
 
 RUN_CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -81,16 +84,9 @@ def check_config(cfg: TokenizerTrainingConfig) -> None:
         raise ConfigError("train.zero_stage must be 0, 1 or 2 for tokenizer training: the EMA codebook is updated in place")
     if cfg.train.precision != "fp32":
         raise ConfigError("train.precision must be fp32 for tokenizer training: the EMA codebook must not be cast to bf16")
-    if not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root '{cfg.data.root}' is not a directory (make one with tools/make_demo_data.py)")
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
+    check_data(cfg.data, streams=("image",))
+    build_deepspeed_config(cfg.train)  # a missing or malformed train.deepspeed_config file
+    check_output_dir(cfg.output_dir)
 
 
 def held_out_usage(tok: VQKD, cfg: TokenizerTrainingConfig) -> dict:
@@ -129,8 +125,6 @@ def run_tokenizer_training(cfg: TokenizerTrainingConfig) -> dict:
     check_config(cfg)
     init_distributed()
     rank = get_rank()
-    if rank == 0:
-        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     objective = build_tokenizer_objective(cfg.objective)
     if objective.tokenizer.config.img_size != cfg.data.tokenizer_image_size:
@@ -138,8 +132,16 @@ def run_tokenizer_training(cfg: TokenizerTrainingConfig) -> dict:
             f"data.tokenizer_image_size={cfg.data.tokenizer_image_size} but the tokenizer takes "
             f"{objective.tokenizer.config.img_size} px images (objective.model.img_size)"
         )
-    batches = build_pretrain_batches(cfg.data, None, rank=rank, world_size=get_world_size(), seed=cfg.train.seed)
-    result = train(TokenizerTraining(objective), batches, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
+    try:
+        batches = build_pretrain_batches(cfg.data, None, rank=rank, world_size=get_world_size(), seed=cfg.train.seed)
+        batches.check_batch_sizes()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
+    model = TokenizerTraining(objective)
+    check_checkpoint_space(model, cfg.output_dir)
+    if rank == 0:  # only once every check passed: a failing start overwrites nothing
+        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
+    result = train(model, batches, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
     barrier()
     if rank == 0:
         result["held_out"] = finish(cfg, objective)
@@ -156,4 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (TrainingStopped, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
