@@ -14,11 +14,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from tokenizer import VQKD, load_tokenizer, save_tokenizer
-from tokenizer.precomputed import load_precomputed_codes, read_jsonl_index, tokenize_images
-from tokenizer.train import NO_DECAY_SUFFIXES, TokenizerObjectiveConfig, VQKDObjective, build_tokenizer_objective, code_perplexity, save_usage_histogram
+from tokenizer.precomputed import eval_transform, load_precomputed_codes, read_jsonl_index, tokenize_images
+from tokenizer.teachers import FrozenTeacher
+from tokenizer.train import (
+    NO_DECAY_SUFFIXES,
+    TokenizerObjectiveConfig,
+    VQKDObjective,
+    build_tokenizer_objective,
+    code_informativeness,
+    code_perplexity,
+    save_usage_histogram,
+)
 
 from .config import ConfigError, load_config, to_dict, write_yaml
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
@@ -43,7 +53,8 @@ class HeldOutConfig:
     """Held-out images (a JSONL index relative to ``data.root``) coded at the end to measure codebook usage."""
 
     index: str = "imagenet.val.index.jsonl"
-    max_images: int = 2000
+    max_images: int = 2000  # images coded for codebook usage
+    informativeness_images: int = 256  # images decoded from true vs shuffled codes (held in memory)
 
 
 @dataclass
@@ -89,8 +100,9 @@ def check_config(cfg: TokenizerTrainingConfig) -> None:
     check_output_dir(cfg.output_dir)
 
 
-def held_out_usage(tok: VQKD, cfg: TokenizerTrainingConfig) -> dict:
-    """Code the held-out images (fixed center crops) and report usage, perplexity and a histogram PNG."""
+def held_out_report(tok: VQKD, teacher: FrozenTeacher, cfg: TokenizerTrainingConfig) -> dict:
+    """Code the held-out images (fixed center crops): usage, perplexity, a histogram PNG, and whether the codes carry
+    information (reconstruction from each image's own codes vs from another image's, ``code_informativeness``)."""
     out = Path(cfg.output_dir)
     index = Path(cfg.data.root) / cfg.held_out.index
     if not index.is_file():
@@ -100,11 +112,16 @@ def held_out_usage(tok: VQKD, cfg: TokenizerTrainingConfig) -> dict:
     _, codes = load_precomputed_codes(codes_dir, mmap=False)
     counts = torch.from_numpy(np.bincount(codes.reshape(-1).astype(np.int64), minlength=tok.config.codebook_size))
     save_usage_histogram(counts, out / HISTOGRAM_FILE, title=f"held-out codes ({len(paths)} images)")
+    view = eval_transform(tok.config.img_size)
+    subset = paths[: cfg.held_out.informativeness_images]
+    images = torch.stack([view(Image.open(Path(cfg.data.root) / p).convert("RGB")) for p in subset])
+    informative = code_informativeness(tok, images, teacher)
     return {
         "held_out_images": len(paths),
         "held_out_codebook_usage": float((counts > 0).float().mean()),
         "held_out_code_perplexity": code_perplexity(counts),
         "codebook_size": tok.config.codebook_size,
+        **{f"held_out_{k}": informative[k] for k in ("rec_loss_true", "rec_loss_shuffled", "relative_gap")},
     }
 
 
@@ -115,7 +132,7 @@ def finish(cfg: TokenizerTrainingConfig, objective: VQKDObjective) -> dict:
     tok = VQKD(objective.tokenizer.config)
     tok.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     save_tokenizer(tok, Path(cfg.output_dir) / TOKENIZER_DIR)
-    report = held_out_usage(load_tokenizer(Path(cfg.output_dir) / TOKENIZER_DIR), cfg)
+    report = held_out_report(load_tokenizer(Path(cfg.output_dir) / TOKENIZER_DIR), objective.teacher, cfg)
     (Path(cfg.output_dir) / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
