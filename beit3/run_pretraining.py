@@ -114,11 +114,12 @@ def _device() -> torch.device:
     return torch.device("cuda", get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def visual_codes_fn(path: str, precision: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
-    """The frozen tokenizer outside the engine: eval mode, no grad, bf16 autocast on GPU (fp32 code search)."""
+def visual_codes_fn(path: str, precision: str, device: torch.device, img_size: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
+    """The frozen tokenizer outside the engine at ``img_size`` px (positions resampled if it was trained at another
+    size): eval mode, no grad, bf16 autocast on GPU (fp32 code search)."""
     from tokenizer import load_tokenizer
 
-    tok = load_tokenizer(path, device=device).eval().requires_grad_(False)
+    tok = load_tokenizer(path, device=device, img_size=img_size).eval().requires_grad_(False)
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
     @torch.no_grad()
@@ -165,13 +166,11 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         _check_grid(int(meta["num_patches"]), grid * grid, f"precomputed codes '{cfg.data.codes_dir}'", model_cfg)
     elif cfg.data.image_batch or cfg.data.pair_batch:
         try:
-            codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device())
+            codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device(), cfg.data.tokenizer_image_size)
         except (CheckpointError, OSError, ValueError) as err:
             raise ConfigError(f"tokenizer.path '{cfg.tokenizer.path}': {err}") from err
         codebook_size = tok.config.codebook_size
-        _check_grid(tok.config.num_patches, grid * grid, f"visual tokenizer '{cfg.tokenizer.path}'", model_cfg)
-        if cfg.data.tokenizer_image_size != tok.config.img_size:
-            raise ConfigError(f"data.tokenizer_image_size={cfg.data.tokenizer_image_size} but the visual tokenizer takes {tok.config.img_size} px")
+        _check_grid(tok.config.num_patches, grid * grid, f"visual tokenizer '{cfg.tokenizer.path}' at data.tokenizer_image_size={cfg.data.tokenizer_image_size}", model_cfg)
     model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192)
     if cfg.model.init_from:
         try:

@@ -13,6 +13,7 @@ a loaded codebook. Pickles are read with ``torch.load(weights_only=True)`` only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 
 from beit3.config import ConfigError, from_dict
 from beit3.errors import CheckpointError
@@ -135,9 +137,31 @@ def _find_pretrained_dir(root: Path) -> Path:
     raise CheckpointLayoutError(f"'{root}' holds several tokenizers, pass one of: {', '.join(map(str, found))}")
 
 
-def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQKD:
+def resize_tokenizer(model: VQKD, img_size: int) -> VQKD:
+    """The same tokenizer for ``img_size`` px images: the encoder's and the decoder's position tables are resampled
+    bicubically to the new patch grid (as BEiT v2 does for other square sizes); the codebook is kept as it is.
+
+    E.g. the official patch-16 tokenizer at 256 px gives the 16x16 grid of a patch-14 BEiT-3 giant at 224 px.
+    """
+    if img_size == model.config.img_size:
+        return model
+    try:
+        config = dataclasses.replace(model.config, img_size=img_size)
+    except ValueError as err:
+        raise CheckpointLayoutError(f"cannot resize the tokenizer to {img_size} px: {err}") from err
+    resized = VQKD(config)
+    state = model.state_dict()
+    grid = config.grid_size
+    for key in ("encoder.pos_embed", "decoder.pos_embed"):
+        state[key] = resample_abs_pos_embed(state[key], new_size=[grid, grid], num_prefix_tokens=1)
+    resized.load_state_dict(state, strict=True)
+    return resized.train(model.training)
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu", img_size: int | None = None) -> VQKD:
     """Load a tokenizer in eval mode from our directory layout (possibly nested in a training-run directory), a
-    ``model.safetensors`` file next to its ``config.json``, or an official BEiT v2 ``.pth`` file."""
+    ``model.safetensors`` file next to its ``config.json``, or an official BEiT v2 ``.pth`` file; ``img_size``
+    resizes it (:func:`resize_tokenizer`)."""
     path = Path(path)
     if path.is_dir():
         model = load_pretrained_dir(_find_pretrained_dir(path))
@@ -147,4 +171,6 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQKD
         model = load_official_vqkd(path)
     else:
         raise CheckpointLayoutError(f"tokenizer checkpoint '{path}' does not exist")
+    if img_size is not None:
+        model = resize_tokenizer(model, img_size)
     return model.to(device)
