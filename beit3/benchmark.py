@@ -142,13 +142,17 @@ class Timer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def autocast_for(self, name: str):
+        return contextlib.nullcontext() if name.endswith("_fp32") else self.autocast()
+
     def run(self, fns: dict[str, Callable[[], None]]) -> dict[str, dict]:
+        """Time ``fns``; a name ending in ``_fp32`` runs without autocast (same-run fp32 reference of a bf16 run)."""
         times = {name: [] for name in fns}
         memory = {}
         for name, fn in fns.items():
             reset_peak_memory(self.device)
             for _ in range(self.bench.warmup):
-                with self.autocast():
+                with self.autocast_for(name):
                     fn()
             synchronize(self.device)
             memory[name] = peak_memory_mb(self.device)
@@ -157,7 +161,7 @@ class Timer:
                 synchronize(self.device)
                 start = time.perf_counter()
                 for _ in range(self.bench.steps):
-                    with self.autocast():
+                    with self.autocast_for(name):
                         fn()
                 synchronize(self.device)
                 times[name].append((time.perf_counter() - start) / self.bench.steps)
@@ -304,6 +308,11 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
         fns = {f"backbone_{modality}": backbone_step(runner, kwargs)}
         if twin is not None:
             fns[f"torchscale_{modality}"] = backbone_step(twin, kwargs)
+        if bench.precision == "bf16" and modality == "pair":
+            # same-run fp32 references for the bf16 targets
+            fns["backbone_pair_fp32"] = backbone_step(runner, kwargs)
+            if twin is not None:
+                fns["torchscale_pair_fp32"] = backbone_step(twin, kwargs)
         if vit is not None and modality == "image":
             fns["timm_vit_image"] = vit_step(vit, inputs["images"])
         tokens = tokens_of(cfg, modality, bench.batch, bench.text_len)
@@ -460,6 +469,9 @@ def comparisons(cases: dict) -> dict:
     for m in ("image", "text", "pair"):
         ratio(f"speedup_vs_torchscale_{m}", f"backbone_{m}", f"torchscale_{m}")
     ratio("speedup_vs_timm_vit_image", "backbone_image", "timm_vit_image")
+    ratio("speedup_vs_torchscale_fp32_pair", "backbone_pair", "torchscale_pair_fp32")
+    ratio("speedup_fp32_vs_torchscale_fp32_pair", "backbone_pair_fp32", "torchscale_pair_fp32")
+    ratio("speedup_bf16_vs_own_fp32_pair", "backbone_pair", "backbone_pair_fp32")
     ratio("pretrain_precomputed_vs_backbone_pair", "pretrain_precomputed", "backbone_pair")
     ratio("pretrain_online_vs_backbone_pair", "pretrain_online", "backbone_pair")
     return out
