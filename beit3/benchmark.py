@@ -285,14 +285,19 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
     backbone = pre.beit3
     runner = maybe_compile(backbone, bench)
 
+    peaks = [peak]
+
     def record(name: str, timing: dict, samples: int, tokens: int, flops: float, **extra) -> None:
         step = timing["step_s"]
         entry = {
             "step_s": step, "step_s_all": timing["step_s_all"], "samples_per_s": samples / step,
             "tokens_per_s": tokens / step, "flops_per_step": flops, "achieved_tflops": flops / step / 1e12,
-            "mfu": flops / step / peak if flops else 0.0, "peak_mem_mb": timing["peak_mem_mb"], **extra,
+            "mfu": flops / step / peaks[-1] if flops else 0.0, "peak_mem_mb": timing["peak_mem_mb"], **extra,
         }
         results["cases"][name] = entry
+        if device.type == "cpu" and len(peaks) < 8:
+            # On a shared CPU one measurement may land in a busy moment: re-measure between cases, keep the best.
+            peaks.append(max(peaks[-1], measure_cpu_peak(dtype)))
 
     # Backbone steps, each interleaved with its same-run baselines.
     twin = torchscale_twin(backbone) if bench.baselines else None
@@ -360,6 +365,13 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
         results["cases"]["data_loading"] = data_loading(bench, cfg)
         log(f"[bench] data_loading: {results['cases']['data_loading']['images_per_s_per_worker']:.1f} img/s/worker")
 
+    if device.type == "cpu":
+        peak = max(peaks)
+        results["peak_flops"], results["peak_measurements"] = peak, peaks
+        results["peak_source"] += f", best of {len(peaks)} measurements spread over the run"
+        for c in results["cases"].values():
+            if "flops_per_step" in c:
+                c["mfu"] = c["flops_per_step"] / c["step_s"] / peak
     results["comparisons"] = comparisons(results["cases"])
     return results
 

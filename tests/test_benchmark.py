@@ -37,3 +37,18 @@ def test_checkpointing_every_k_runs_in_process():
                         checkpointing="every_k", checkpoint_every=2, cases=("backbone_pair",))
     results = run(bench, log=lambda _: None)
     assert results["cases"]["backbone_pair"]["samples_per_s"] > 0
+
+
+def test_encoder_block_compiles_without_graph_breaks():
+    import torch
+
+    import beit3
+
+    model = beit3.create_model("beit3_tiny_patch8_32").train()
+    layer = model.encoder.layers[0]
+    image, text = torch.randn(2, 17, 64), torch.randn(2, 8, 64)
+    bias = torch.zeros(2, 1, 1, 25)
+    for split, parts, attn_bias in ((17, [image, text], bias), (-1, [image], None), (0, [text], None)):
+        explained = torch._dynamo.explain(lambda *p: layer.forward_parts(list(p), split, attn_bias))(*parts)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
