@@ -158,11 +158,23 @@ class MultiwayAttention(nn.Module):
             incremental_state["prev_value"] = v
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        out = attention(q, k, v, attn_bias)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         out_parts = split_parts(out, split) if len(parts) == 2 else [out]
         out_parts = self.inner_attn_ln.forward_parts(out_parts, split)
         return self.out_proj.forward_parts(out_parts, split)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scaled dot-product attention. SDPA (flash / memory-efficient kernels on GPU, the flash kernel on CPU in fp32),
+    except bf16/fp16 on CPU: there two (AMX) batched matmuls around an fp32 softmax, as the official implementation
+    computes it, measured ~1.4x faster fwd+bwd than the CPU flash kernel (B=8, H=12, L=261, d=64)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        if bias is not None:
+            scores = scores + bias
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class FeedForward(nn.Module):
