@@ -21,7 +21,9 @@ from .layers import (
     attention_bias,
     drop_path_rates,
     init_linear_and_norm,
+    join_parts,
     routed,
+    split_parts,
 )
 
 # fairseq legacy kept by the official code: positions count from 2, rows 0 and 1 are never used.
@@ -162,8 +164,29 @@ class EncoderLayer(nn.Module):
         attn_bias: Optional[torch.Tensor] = None,
         incremental_state: Optional[dict] = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.self_attn(self.self_attn_layer_norm(x, split), split, attn_bias, incremental_state))
-        return x + self.drop_path(self.ffn(self.final_layer_norm(x, split), split))
+        return join_parts(self.forward_parts(split_parts(x, split), split, attn_bias, incremental_state))
+
+    def forward_parts(
+        self,
+        parts: list[torch.Tensor],
+        split: int,
+        attn_bias: Optional[torch.Tensor] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> list[torch.Tensor]:
+        """The block on the sequence kept as its per-modality parts (see ``layers.split_parts``)."""
+        keep = self._drop_path_scale(parts[0])
+        h = self.self_attn.forward_parts(self.self_attn_layer_norm.forward_parts(parts, split), split, attn_bias, incremental_state)
+        parts = [x + (y if keep is None else y * keep) for x, y in zip(parts, h)]
+        h = self.ffn.forward_parts(self.final_layer_norm.forward_parts(parts, split), split)
+        keep = self._drop_path_scale(parts[0])
+        return [x + (y if keep is None else y * keep) for x, y in zip(parts, h)]
+
+    def _drop_path_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample stochastic-depth factor shared by all parts (drawn as ``timm.layers.DropPath`` draws it)."""
+        if not isinstance(self.drop_path, DropPath) or not self.training or self.drop_path.drop_prob == 0.0:
+            return None
+        keep_prob = 1.0 - self.drop_path.drop_prob
+        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob).div_(keep_prob)
 
 
 class Encoder(nn.Module):
@@ -177,6 +200,10 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg, rates[i], vl_expert=i >= first_vl) for i in range(cfg.depth))
         self.layer_norm = routed(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)) if cfg.normalize_output else None
         self.grad_checkpointing = cfg.checkpoint_activations
+        self.checkpoint_every = 1  # with grad_checkpointing: checkpoint layers 0, k, 2k, ...
+
+    def checkpointed(self, idx: int) -> bool:
+        return bool(self.grad_checkpointing) and idx % max(1, self.checkpoint_every) == 0
 
     def forward(
         self,
@@ -186,20 +213,29 @@ class Encoder(nn.Module):
         incremental_state: Optional[dict] = None,
         return_all_hiddens: bool = False,
     ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
-        """Run every layer; ``incremental_state`` maps layer index -> {prev_key, prev_value} for decoding."""
+        """Run every layer; ``incremental_state`` maps layer index -> {prev_key, prev_value} for decoding.
+
+        The sequence is split into its modality parts once and joined again after the last layer, so routing inside
+        the layers never slices or concatenates the residual stream.
+        """
         states = [x] if return_all_hiddens else None
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        use_checkpoint = self.training and torch.is_grad_enabled()
+        parts = split_parts(x, split)
         for idx, layer in enumerate(self.layers):
             layer_state = None if incremental_state is None else incremental_state.setdefault(idx, {})
-            if use_checkpoint and layer_state is None:
-                x = checkpoint(layer, x, split, attn_bias, use_reentrant=False)
+            if use_checkpoint and layer_state is None and self.checkpointed(idx):
+                parts = checkpoint(_run_layer, layer, split, attn_bias, *parts, use_reentrant=False)
             else:
-                x = layer(x, split, attn_bias, layer_state)
+                parts = layer.forward_parts(parts, split, attn_bias, layer_state)
             if states is not None:
-                states.append(x)
+                states.append(join_parts(parts))
         if self.layer_norm is not None:
-            x = self.layer_norm(x, split)
-        return x, states
+            parts = self.layer_norm.forward_parts(parts, split)
+        return join_parts(parts), states
+
+
+def _run_layer(layer: "EncoderLayer", split: int, attn_bias: Optional[torch.Tensor], *parts: torch.Tensor) -> list:
+    return layer.forward_parts(list(parts), split, attn_bias)
 
 
 class BEiT3(nn.Module):
@@ -221,8 +257,12 @@ class BEiT3(nn.Module):
         nn.init.normal_(self.text_embed.weight, mean=0.0, std=config.embed_dim**-0.5)
 
     # -- helpers used by training code -------------------------------------------------------------------------
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Activation checkpointing of the encoder layers: off, every layer (``every=1``) or every k-th layer."""
+        if every < 1:
+            raise ValueError(f"checkpointing 'every' must be >= 1, got {every}")
+        self.encoder.grad_checkpointing = bool(enable)
+        self.encoder.checkpoint_every = every
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides 1-D tensors and biases (official optimizer rule)."""

@@ -1,0 +1,551 @@
+"""Training-step benchmarks: throughput, model-FLOP utilisation (MFU) and peak memory of the BEiT-3 steps.
+
+Cases (each timed after warm-up, over several repeats, median reported):
+
+- ``backbone_{image,text,pair}``: fwd + bwd of the backbone on an image, text or image-text batch;
+- ``pretrain_{precomputed,online}``: the pair stream of the pretraining objective (masking, backbone, MIM/MLM heads on
+  masked positions, cross-entropy, bwd) with precomputed visual codes or with the VQ-KD tokenizer run every step;
+- ``tokenizer_encode``: ``VQKD.get_codebook_indices`` on a batch (no grad);
+- ``data_loading``: :func:`beit3.data.benchmark.measure_loading` (one worker, decode + two-view transform);
+- same-run baselines when importable: ``torchscale_{image,text,pair}`` (the official torchscale ``BEiT3`` holding the
+  *same* weights, outputs checked against ours) and ``timm_vit_image`` (``vit_base_patch16_224``-shaped ViT of the
+  same width/depth as the model).
+
+Model FLOPs follow ``6·N·T + 12·L·d·T²`` per sequence (N = L·(4d² + 2·d·d_ff) active parameters per token; embeddings,
+norms and activations excluded) plus ``6·d·C`` per masked position for the heads. MFU = FLOPs / step time / peak;
+the CPU peak is measured once with a large matmul in the benchmark's precision, GPU peaks come from the vendor table.
+Timings exclude the optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from beit3.models.backbone import BEiT3, BEiT3Config
+from beit3.models.registry import model_config
+
+# Dense peak TFLOP/s per GPU (bf16 tensor cores; fp32 runs as TF32 with torch.backends.cuda.matmul.allow_tf32).
+GPU_PEAK_TFLOPS = {
+    "H100 SXM": {"bf16": 989.4, "fp32": 494.7},
+    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},
+    "H100 NVL": {"bf16": 835.0, "fp32": 417.5},
+    "H200": {"bf16": 989.4, "fp32": 494.7},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+}
+
+SUITES = {
+    # CI smoke test: a tiny model, one warm-up, two repeats; baselines skipped.
+    "quick": dict(model="beit3_tiny_patch8_32", batch=2, text_len=8, steps=1, repeats=2, warmup=1, baselines=False,
+                  tokenizer="vqkd_tiny", loading_images=4),
+    "full": dict(model="beit3_base_patch16_224", batch=8, text_len=64, steps=1, repeats=3, warmup=1, baselines=True,
+                 tokenizer="vqkd_base_decoder_1x768x12", loading_images=50),
+}
+
+ALL_CASES = ("backbone_image", "backbone_text", "backbone_pair", "pretrain_precomputed", "pretrain_online",
+             "tokenizer_encode", "data_loading")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "beit3_base_patch16_224"
+    batch: int = 8
+    text_len: int = 64
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    device: str = "cpu"
+    steps: int = 1  # training steps per timed repeat
+    repeats: int = 3
+    warmup: int = 1
+    compile: bool = False
+    checkpointing: str = "none"  # none | all | every_k
+    checkpoint_every: int = 2
+    baselines: bool = True
+    tokenizer: str = "vqkd_base_decoder_1x768x12"
+    loading_images: int = 50
+    data_root: Optional[str] = None  # for data_loading; a small demo root is generated when None
+    cases: tuple = ALL_CASES
+    seed: int = 0
+    model_overrides: dict = field(default_factory=dict)
+
+
+# -- FLOPs and peaks ----------------------------------------------------------------------------------------------
+def sequence_flops(cfg: BEiT3Config, tokens: int) -> float:
+    """Training FLOPs (fwd + bwd) of the trunk on one sequence of ``tokens`` tokens."""
+    L, d, f = cfg.depth, cfg.embed_dim, cfg.ffn_dim
+    active = L * (4 * d * d + 2 * d * f)
+    return 6.0 * active * tokens + 12.0 * L * d * tokens**2
+
+
+def head_flops(dim: int, classes: int, positions: int) -> float:
+    return 6.0 * dim * classes * positions
+
+
+def measure_cpu_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best observed matmul FLOP/s on this CPU for ``dtype`` (the MFU denominator on CPU)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
+def gpu_peak(precision: str) -> tuple[float, str]:
+    name = torch.cuda.get_device_name()
+    key = next((k for k in GPU_PEAK_TFLOPS if all(w in name for w in k.split())), None)
+    if key is None and "H100" in name:
+        key = "H100 SXM"
+    if key is None:
+        return float("nan"), f"{name} (no table entry)"
+    return GPU_PEAK_TFLOPS[key][precision] * 1e12, f"{key} table ({name})"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- timing --------------------------------------------------------------------------------------------------------
+class Timer:
+    """Times several step functions with interleaved repeats (A, B, A, B, ...) so shared-machine load hits all."""
+
+    def __init__(self, bench: BenchConfig, device: torch.device):
+        self.bench, self.device = bench, device
+
+    def autocast(self):
+        if self.bench.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def autocast_for(self, name: str):
+        return contextlib.nullcontext() if name.endswith("_fp32") else self.autocast()
+
+    def run(self, fns: dict[str, Callable[[], None]]) -> dict[str, dict]:
+        """Time ``fns``; a name ending in ``_fp32`` runs without autocast (same-run fp32 reference of a bf16 run)."""
+        times = {name: [] for name in fns}
+        cpu_times = {name: [] for name in fns}
+        memory = {}
+        for name, fn in fns.items():
+            reset_peak_memory(self.device)
+            for _ in range(self.bench.warmup):
+                with self.autocast_for(name):
+                    fn()
+            synchronize(self.device)
+            memory[name] = peak_memory_mb(self.device)
+        for _ in range(self.bench.repeats):
+            for name, fn in fns.items():
+                synchronize(self.device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                for _ in range(self.bench.steps):
+                    with self.autocast_for(name):
+                        fn()
+                synchronize(self.device)
+                times[name].append((time.perf_counter() - start) / self.bench.steps)
+                cpu_times[name].append((time.process_time() - cpu_start) / self.bench.steps)
+        # cpu_s: process CPU time per step (all threads); with --threads 1 on a shared CPU it is the load-robust
+        # measure of the work a step costs, while step_s (wall clock) is what a user sees.
+        return {name: {"step_s": statistics.median(t), "step_s_all": t, "cpu_s": statistics.median(cpu_times[name]),
+                       "cpu_s_all": cpu_times[name], "peak_mem_mb": memory[name]}
+                for name, t in times.items()}
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+def make_inputs(cfg: BEiT3Config, batch: int, text_len: int, device: torch.device, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    tokens = torch.randint(4, cfg.vocab_size, (batch, text_len), generator=g)
+    lengths = torch.randint(max(1, text_len // 2), text_len + 1, (batch,), generator=g)
+    lengths[0] = text_len  # at least one full row
+    padding = torch.arange(text_len)[None, :] >= lengths[:, None]
+    return {"images": images.to(device), "tokens": tokens.to(device), "padding": padding.to(device)}
+
+
+def backbone_kwargs(inputs: dict, modality: str) -> dict:
+    if modality == "image":
+        return {"visual_tokens": inputs["images"]}
+    if modality == "text":
+        return {"textual_tokens": inputs["tokens"], "text_padding_position": inputs["padding"]}
+    return {"visual_tokens": inputs["images"], "textual_tokens": inputs["tokens"],
+            "text_padding_position": inputs["padding"]}
+
+
+def backbone_step(model: torch.nn.Module, kwargs: dict) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)["encoder_out"]
+        out.float().square().mean().backward()
+    return step
+
+
+def tokens_of(cfg: BEiT3Config, modality: str, batch: int, text_len: int) -> int:
+    vision = cfg.num_patches + 1
+    return batch * {"image": vision, "text": text_len, "pair": vision + text_len}[modality]
+
+
+# -- baselines -----------------------------------------------------------------------------------------------------
+def torchscale_twin(model: BEiT3) -> Optional[torch.nn.Module]:
+    """The official torchscale ``BEiT3`` with the same config and weights as ``model`` (None if not importable)."""
+    try:
+        from torchscale.architecture.config import EncoderConfig
+        from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
+    except Exception:  # noqa: BLE001 - optional baseline
+        return None
+    c = model.config
+    args = EncoderConfig(
+        img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, vocab_size=c.vocab_size, multiway=True,
+        layernorm_embedding=False, normalize_output=c.normalize_output, no_output_layer=True, drop_path_rate=0.0,
+        encoder_embed_dim=c.embed_dim, encoder_attention_heads=c.num_heads, encoder_ffn_embed_dim=c.ffn_dim,
+        encoder_layers=c.depth, max_source_positions=c.max_text_positions, layernorm_eps=c.layernorm_eps,
+        checkpoint_activations=False,
+    )
+    twin = TorchscaleBEiT3(args)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin.to(next(model.parameters()).device)
+
+
+def timm_vit(cfg: BEiT3Config) -> Optional[torch.nn.Module]:
+    try:
+        import timm
+    except Exception:  # noqa: BLE001
+        return None
+    return timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=cfg.img_size, patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.ffn_dim / cfg.embed_dim,
+    )
+
+
+# -- the benchmark -------------------------------------------------------------------------------------------------
+def configure_model(model: torch.nn.Module, bench: BenchConfig) -> None:
+    backbone = model if isinstance(model, BEiT3) else model.beit3
+    if bench.checkpointing == "none":
+        backbone.set_grad_checkpointing(False)
+    elif bench.checkpointing == "all":
+        backbone.set_grad_checkpointing(True, every=1)
+    elif bench.checkpointing == "every_k":
+        backbone.set_grad_checkpointing(True, every=bench.checkpoint_every)
+    else:
+        raise ValueError(f"checkpointing must be none, all or every_k; got '{bench.checkpointing}'")
+
+
+def maybe_compile(model: torch.nn.Module, bench: BenchConfig) -> torch.nn.Module:
+    return torch.compile(model) if bench.compile else model
+
+
+def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the benchmark; returns the JSON-able results."""
+    from beit3.models.pretraining import BEiT3ForPretraining
+
+    device = torch.device(bench.device)
+    torch.manual_seed(bench.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg = model_config(bench.model, **bench.model_overrides)
+    dtype = torch.bfloat16 if bench.precision == "bf16" else torch.float32
+    if bench.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got '{bench.precision}'")
+
+    if device.type == "cuda":
+        peak, peak_source = gpu_peak(bench.precision)
+    else:
+        peak = measure_cpu_peak(dtype)
+        peak_source = f"measured: 2048^3 {bench.precision} matmul, {torch.get_num_threads()} threads"
+    log(f"[bench] model={bench.model} batch={bench.batch} text_len={bench.text_len} precision={bench.precision} "
+        f"device={device} peak={peak / 1e12:.3f} TFLOP/s ({peak_source})")
+
+    results: dict = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(bench).items()},
+        "environment": environment(device),
+        "peak_flops": peak, "peak_source": peak_source, "cases": {},
+    }
+    timer = Timer(bench, device)
+    inputs = make_inputs(cfg, bench.batch, bench.text_len, device, bench.seed)
+    pre = BEiT3ForPretraining(cfg, codebook_size=8192).to(device)
+    configure_model(pre, bench)
+    backbone = pre.beit3
+    runner = maybe_compile(backbone, bench)
+
+    peaks = [peak]
+
+    def record(name: str, timing: dict, samples: int, tokens: int, flops: float, **extra) -> None:
+        step = timing["step_s"]
+        entry = {
+            "step_s": step, "step_s_all": timing["step_s_all"], "cpu_s": timing["cpu_s"],
+            "cpu_s_all": timing["cpu_s_all"], "samples_per_s": samples / step,
+            "tokens_per_s": tokens / step, "flops_per_step": flops, "achieved_tflops": flops / step / 1e12,
+            "mfu": flops / step / peaks[-1] if flops else 0.0, "peak_mem_mb": timing["peak_mem_mb"], **extra,
+        }
+        results["cases"][name] = entry
+        if device.type == "cpu" and len(peaks) < 8:
+            # On a shared CPU one measurement may land in a busy moment: re-measure between cases, keep the best.
+            peaks.append(max(peaks[-1], measure_cpu_peak(dtype)))
+
+    # Backbone steps, each interleaved with its same-run baselines.
+    twin = torchscale_twin(backbone) if bench.baselines else None
+    vit = timm_vit(cfg).to(device) if bench.baselines else None
+    if twin is not None:
+        results["torchscale_max_abs_diff"] = check_twin(backbone, twin, inputs)
+        results["torchscale_match_1e-4"] = max(results["torchscale_max_abs_diff"].values()) <= 1e-4
+        log(f"[bench] torchscale twin (same weights): max |diff| per modality {results['torchscale_max_abs_diff']}")
+    for modality in ("image", "text", "pair"):
+        if f"backbone_{modality}" not in bench.cases:
+            continue
+        kwargs = backbone_kwargs(inputs, modality)
+        fns = {f"backbone_{modality}": backbone_step(runner, kwargs)}
+        if twin is not None:
+            fns[f"torchscale_{modality}"] = backbone_step(twin, kwargs)
+        if bench.precision == "bf16" and modality == "pair":
+            # same-run fp32 references for the bf16 targets
+            fns["backbone_pair_fp32"] = backbone_step(runner, kwargs)
+            if twin is not None:
+                fns["torchscale_pair_fp32"] = backbone_step(twin, kwargs)
+        if vit is not None and modality == "image":
+            fns["timm_vit_image"] = vit_step(vit, inputs["images"])
+        tokens = tokens_of(cfg, modality, bench.batch, bench.text_len)
+        seq = tokens // bench.batch
+        flops = bench.batch * sequence_flops(cfg, seq)
+        for name, timing in timer.run(fns).items():
+            record(name, timing, bench.batch, tokens, flops)
+        log_cases(results, list(fns), log)
+    twin = vit = None
+
+    # Pretraining step (pair stream) with precomputed codes / the online tokenizer, and tokenizer encoding.
+    tokenizer = None
+    if any(c in bench.cases for c in ("pretrain_online", "tokenizer_encode")):
+        tokenizer = build_tokenizer(bench, cfg, device)
+    fns, flops = {}, {}
+    if "pretrain_precomputed" in bench.cases or "pretrain_online" in bench.cases:
+        make_batch, pre_flops = pretrain_batch_fn(pre, cfg, inputs, bench, device)
+        objective = maybe_compile(pre, bench)
+        if "pretrain_precomputed" in bench.cases:
+            fns["pretrain_precomputed"] = pretrain_step(objective, lambda: make_batch(None))
+            flops["pretrain_precomputed"] = pre_flops
+        if "pretrain_online" in bench.cases and tokenizer is not None:
+            fns["pretrain_online"] = pretrain_step(objective, lambda: make_batch(tokenizer))
+            flops["pretrain_online"] = pre_flops
+    if fns:
+        tokens = tokens_of(cfg, "pair", bench.batch, bench.text_len)
+        for name, timing in timer.run(fns).items():
+            record(name, timing, bench.batch, tokens, flops[name])
+        log_cases(results, list(fns), log)
+    if "tokenizer_encode" in bench.cases and tokenizer is not None:
+        images = tokenizer_images(tokenizer, bench.batch, device)
+
+        def encode() -> None:
+            with torch.no_grad():
+                tokenizer.get_codebook_indices(images)
+
+        tcfg = tokenizer.config
+        t_tokens = bench.batch * tcfg.num_patches
+        t_flops = bench.batch * 2.0 * tcfg.depth * (12 * tcfg.width**2 * (tcfg.num_patches + 1)
+                                                    + 2 * tcfg.width * (tcfg.num_patches + 1) ** 2)
+        for name, timing in timer.run({"tokenizer_encode": encode}).items():
+            record(name, timing, bench.batch, t_tokens, t_flops, note="forward only; FLOPs = encoder forward")
+        log_cases(results, ["tokenizer_encode"], log)
+    if "data_loading" in bench.cases:
+        results["cases"]["data_loading"] = data_loading(bench, cfg)
+        log(f"[bench] data_loading: {results['cases']['data_loading']['images_per_s_per_worker']:.1f} img/s/worker")
+
+    if device.type == "cpu":
+        peak = max(peaks)
+        results["peak_flops"], results["peak_measurements"] = peak, peaks
+        results["peak_source"] += f", best of {len(peaks)} measurements spread over the run"
+        for c in results["cases"].values():
+            if "flops_per_step" in c:
+                c["mfu"] = c["flops_per_step"] / c["step_s"] / peak
+    results["comparisons"] = comparisons(results["cases"])
+    return results
+
+
+def vit_step(vit: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        vit.zero_grad(set_to_none=True)
+        vit.forward_features(images).float().square().mean().backward()
+    return step
+
+
+def check_twin(ours: BEiT3, twin: torch.nn.Module, inputs: dict) -> dict:
+    diffs = {}
+    with torch.no_grad():
+        for modality in ("image", "text", "pair"):
+            kwargs = backbone_kwargs(inputs, modality)
+            a = ours(**kwargs)["encoder_out"].float()
+            b = twin(**kwargs)["encoder_out"].float()
+            diffs[modality] = float((a - b).abs().max())
+    return diffs
+
+
+def build_tokenizer(bench: BenchConfig, cfg: BEiT3Config, device: torch.device):
+    from tokenizer.vqkd import VQKD, vqkd_config
+
+    tcfg = vqkd_config(bench.tokenizer, img_size=cfg.img_size, patch_size=cfg.patch_size, kmeans_init=False)
+    return VQKD(tcfg).to(device).eval().requires_grad_(False)
+
+
+def tokenizer_images(tokenizer, batch: int, device: torch.device) -> torch.Tensor:
+    size = tokenizer.config.img_size
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def pretrain_batch_fn(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, device: torch.device):
+    """A function making a masked pair batch (``PretrainInputs.prepare``) and the model FLOPs of its step."""
+    from beit3.masking import MaskingConfig
+    from beit3.pretrain import PretrainInputs
+
+    grid = cfg.img_size // cfg.patch_size
+    masking = MaskingConfig()
+    state = {"tok_images": None}
+
+    def make(tokenizer) -> dict:
+        pair = {"image": inputs["images"].cpu(), "text_tokens": inputs["tokens"].cpu(), "padding_mask": inputs["padding"].cpu()}
+        codes_fn = None
+        if tokenizer is None:
+            pair["codes"] = torch.randint(0, 8192, (bench.batch, grid * grid), generator=torch.Generator().manual_seed(2))
+        else:
+            if state["tok_images"] is None:
+                state["tok_images"] = tokenizer_images(tokenizer, bench.batch, device)
+            pair["tokenizer_image"] = state["tok_images"]
+
+            def codes_fn(images):
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bench.precision == "bf16"):
+                    return tokenizer.get_codebook_indices(images).cpu()
+        prep = PretrainInputs([], masking, (grid, grid), mask_token_id=3, random_token_range=(4, cfg.vocab_size),
+                              special_token_ids=(0, 1, 2), codes_fn=codes_fn, seed=bench.seed)
+        batch = prep.prepare({"pair": pair})
+        return {s: {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for s, b in batch.items()}
+
+    sample = make(None)["pair"]
+    masked_patches = int(sample["image_mask"].sum())
+    masked_text = int(sample["text_mask"].sum())
+    seq = cfg.num_patches + 1 + bench.text_len
+    flops = (bench.batch * sequence_flops(cfg, seq) + head_flops(cfg.embed_dim, 8192, masked_patches)
+             + head_flops(cfg.embed_dim, cfg.vocab_size, masked_text))
+    return make, flops
+
+
+def pretrain_step(pre, make_batch: Callable[[], dict]) -> Callable[[], None]:
+    from beit3.pretrain import MaskedDataModeling, ObjectiveConfig
+
+    objective = MaskedDataModeling(pre, ObjectiveConfig())
+
+    def step() -> None:
+        objective.zero_grad(set_to_none=True)
+        loss, _ = objective(make_batch())
+        loss.backward()
+    return step
+
+
+def data_loading(bench: BenchConfig, cfg: BEiT3Config) -> dict:
+    from beit3.data.benchmark import measure_loading
+
+    if bench.data_root is not None:
+        return measure_loading(bench.data_root, num_images=bench.loading_images, image_size=cfg.img_size,
+                               tokenizer_image_size=cfg.img_size)
+    from beit3.data.demo import make_demo_data
+
+    with tempfile.TemporaryDirectory() as root:
+        make_demo_data(root, num_images=max(20, bench.loading_images), image_size=64)
+        result = measure_loading(root, num_images=bench.loading_images, image_size=cfg.img_size,
+                                 tokenizer_image_size=cfg.img_size)
+    result["root"] = "generated demo data (64 px JPEGs)"
+    return result
+
+
+def comparisons(cases: dict) -> dict:
+    """Speed ratios the targets are stated in (> 1 means the first is faster)."""
+    out = {}
+
+    def ratio(name: str, fast: str, slow: str) -> None:
+        if fast in cases and slow in cases:
+            out[name] = cases[slow]["step_s"] / cases[fast]["step_s"]
+            out[name + "_cpu_time"] = cases[slow]["cpu_s"] / cases[fast]["cpu_s"]
+
+    for m in ("image", "text", "pair"):
+        ratio(f"speedup_vs_torchscale_{m}", f"backbone_{m}", f"torchscale_{m}")
+    ratio("speedup_vs_timm_vit_image", "backbone_image", "timm_vit_image")
+    ratio("speedup_vs_torchscale_fp32_pair", "backbone_pair", "torchscale_pair_fp32")
+    ratio("speedup_fp32_vs_torchscale_fp32_pair", "backbone_pair_fp32", "torchscale_pair_fp32")
+    ratio("speedup_bf16_vs_own_fp32_pair", "backbone_pair", "backbone_pair_fp32")
+    ratio("pretrain_precomputed_vs_backbone_pair", "pretrain_precomputed", "backbone_pair")
+    ratio("pretrain_online_vs_backbone_pair", "pretrain_online", "backbone_pair")
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "processor": cpu_name(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def log_cases(results: dict, names: list[str], log: Callable[[str], None]) -> None:
+    for name in names:
+        c = results["cases"].get(name)
+        if c:
+            log(f"[bench] {name:22s} {c['step_s'] * 1e3:10.1f} ms  {c['samples_per_s']:8.2f} samples/s  "
+                f"{c['tokens_per_s']:9.1f} tok/s  MFU {100 * c['mfu']:5.1f}%  peak {c['peak_mem_mb']:8.0f} MB")
+
+
+def format_table(results: dict) -> str:
+    """A markdown table of the cases."""
+    rows = ["| case | step (ms) | CPU time/step (ms) | samples/s | tokens/s | TFLOP/s | MFU | peak mem (MB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c in results["cases"].items():
+        if "step_s" not in c:
+            rows.append(f"| {name} | – | – | {c.get('images_per_s_per_worker', 0):.1f} img/s/worker | – | – | – | – |")
+            continue
+        rows.append(f"| {name} | {c['step_s'] * 1e3:.1f} | {c['cpu_s'] * 1e3:.1f} | {c['samples_per_s']:.2f} | {c['tokens_per_s']:.1f} | "
+                    f"{c['achieved_tflops']:.3f} | {100 * c['mfu']:.1f}% | {c['peak_mem_mb']:.0f} |")
+    lines = ["\n".join(rows)]
+    if results.get("comparisons"):
+        lines.append("\n".join(f"- {k}: {v:.2f}x" for k, v in results["comparisons"].items()))
+    if "torchscale_max_abs_diff" in results:
+        lines.append(f"- torchscale (same weights) max |diff|: {results['torchscale_max_abs_diff']}")
+    lines.append(f"- peak: {results['peak_flops'] / 1e12:.3f} TFLOP/s ({results['peak_source']})")
+    return "\n\n".join(lines)
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")

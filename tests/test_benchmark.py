@@ -1,0 +1,54 @@
+"""Smoke test of the training-step benchmark (tiny model): the JSON has every field, all positive. No timing limits."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_suite_writes_complete_json(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--suite", "quick", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| backbone_pair |" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["peak_flops"] > 0 and results["peak_source"]
+    cases = results["cases"]
+    for name in ("backbone_image", "backbone_text", "backbone_pair", "pretrain_precomputed", "pretrain_online",
+                 "tokenizer_encode"):
+        case = cases[name]
+        for key in ("step_s", "samples_per_s", "tokens_per_s", "flops_per_step", "achieved_tflops", "mfu", "peak_mem_mb"):
+            assert math.isfinite(case[key]) and case[key] > 0, (name, key, case[key])
+        assert len(case["step_s_all"]) == results["config"]["repeats"]
+    assert cases["data_loading"]["images_per_s_per_worker"] > 0
+    assert results["comparisons"]["pretrain_precomputed_vs_backbone_pair"] > 0
+
+
+def test_checkpointing_every_k_runs_in_process():
+    from beit3.benchmark import SUITES, BenchConfig, run
+
+    preset = SUITES["quick"]
+    bench = BenchConfig(model=preset["model"], batch=2, text_len=8, repeats=1, warmup=0, baselines=False,
+                        checkpointing="every_k", checkpoint_every=2, cases=("backbone_pair",))
+    results = run(bench, log=lambda _: None)
+    assert results["cases"]["backbone_pair"]["samples_per_s"] > 0
+
+
+def test_encoder_block_compiles_without_graph_breaks():
+    import torch
+
+    import beit3
+
+    model = beit3.create_model("beit3_tiny_patch8_32").train()
+    layer = model.encoder.layers[0]
+    image, text = torch.randn(2, 17, 64), torch.randn(2, 8, 64)
+    bias = torch.zeros(2, 1, 1, 25)
+    for split, parts, attn_bias in ((17, [image, text], bias), (-1, [image], None), (0, [text], None)):
+        explained = torch._dynamo.explain(lambda *p: layer.forward_parts(list(p), split, attn_bias))(*parts)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
