@@ -181,9 +181,11 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' is not readable: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data

@@ -163,6 +163,10 @@ class PretrainInputs:
     def state_dict(self) -> dict:
         return {"data": self.batches.state_dict(), "step": self.step}
 
+    def skip_counts(self) -> dict[str, int]:
+        """The data layer's skipped samples by reason (logged by the engine as ``data_skips``)."""
+        return self.batches.skip_counts() if hasattr(self.batches, "skip_counts") else {}
+
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, load_config, read_yaml, to_dict, write_yaml
+from .startup import check_output_dir
 from .engine import OptimConfig, TrainConfig, add_common_args, get_rank, get_world_size, init_distributed, train
 from .finetune import (TASKS, CaptioningOptions, ClassificationOptions, EvalCallback, EvalResult, FinetuneObjective,
                        FinetuneTask, RetrievalOptions, TaskContext, TrainBatches, evaluate, read_index,
@@ -158,11 +159,7 @@ def check_config(cfg: FinetuneConfig, splits: Sequence[str] = ("train",), output
         raise ConfigError("train.zero_stage=3 is not supported for coco_captioning: beam search runs a different "
                           "number of forward passes on each rank, which ZeRO-3 parameter gathering cannot follow")
     if output:
-        out = Path(cfg.output_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
+        check_output_dir(cfg.output_dir)
 
 
 def build_context(cfg: FinetuneConfig, image_size: int) -> TaskContext:

@@ -6,7 +6,6 @@ nodes) or plain ``python`` (one process).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,16 @@ import torch
 
 from .config import ConfigError, load_config, to_dict, write_yaml
 from .data.codes import read_codes_meta
+from .errors import CheckpointError
+from .startup import check_data, check_output_dir, check_readable_file
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
 from .engine import (
     OptimConfig,
     TrainConfig,
+    TrainingStopped,
     add_common_args,
+    build_deepspeed_config,
+    check_checkpoint_space,
     export_consolidated_state_dict,
     get_local_rank,
     get_rank,
@@ -82,30 +86,24 @@ def check_config(cfg: PretrainConfig) -> None:
         )
     if not any(batch[s] for s in streams):
         raise ConfigError(f"objective.stage='{cfg.objective.stage}' needs a non-zero data.{streams[0]}_batch")
-    root = Path(cfg.data.root)
-    if not root.is_dir():
-        raise ConfigError(f"data.root '{root}' is not a directory (make one with tools/make_demo_data.py or tools/convert_dataset.py)")
+    check_data(cfg.data, streams)
+    build_deepspeed_config(cfg.train)  # a missing or malformed train.deepspeed_config file
     needs_codes = batch["image"] or batch["pair"]
+    codes_dir = Path(cfg.data.root) / cfg.data.codes_dir
     if needs_codes and cfg.data.codes_dir:
-        if not (root / cfg.data.codes_dir).is_dir():
-            raise ConfigError(f"data.codes_dir '{root / cfg.data.codes_dir}' does not exist (write it with tools/tokenize_dataset.py)")
+        if not codes_dir.is_dir():
+            raise ConfigError(f"data.codes_dir '{codes_dir}' does not exist (write it with tools/tokenize_dataset.py)")
     elif needs_codes and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.path is empty: image and pair streams need a visual tokenizer (tools/train_tokenizer.py)")
-    if needs_codes and not Path(cfg.tokenizer.path).exists():
+    elif needs_codes and not Path(cfg.tokenizer.path).exists():
         raise ConfigError(f"tokenizer.path '{cfg.tokenizer.path}' does not exist")
     text_path = text_tokenizer_path(cfg)
     if not text_path.is_file():
         raise ConfigError(f"tokenizer.text '{text_path}' does not exist (a SentencePiece model, e.g. beit3.spm)")
+    check_readable_file(text_path, "tokenizer.text")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise ConfigError(f"model.init_from '{cfg.model.init_from}' does not exist")
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
+    check_output_dir(cfg.output_dir)
 
 
 def text_tokenizer_path(cfg: PretrainConfig) -> Path:
@@ -142,7 +140,10 @@ def _check_grid(code_patches: int, model_patches: int, source: str, model_cfg) -
 def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -> tuple[MaskedDataModeling, PretrainInputs]:
     """The objective module (what the engine trains) and its resumable, masked input stream for this rank."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's own)
-    text_tok = TextTokenizer.from_file(text_tokenizer_path(cfg))
+    try:
+        text_tok = TextTokenizer.from_file(text_tokenizer_path(cfg))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"tokenizer.text: {err}") from err
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("vocab_size", text_tok.vocab_size)
     try:
@@ -163,16 +164,26 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         codebook_size = int(meta["codebook_size"])
         _check_grid(int(meta["num_patches"]), grid * grid, f"precomputed codes '{cfg.data.codes_dir}'", model_cfg)
     elif cfg.data.image_batch or cfg.data.pair_batch:
-        codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device())
+        try:
+            codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device())
+        except (CheckpointError, OSError, ValueError) as err:
+            raise ConfigError(f"tokenizer.path '{cfg.tokenizer.path}': {err}") from err
         codebook_size = tok.config.codebook_size
         _check_grid(tok.config.num_patches, grid * grid, f"visual tokenizer '{cfg.tokenizer.path}'", model_cfg)
         if cfg.data.tokenizer_image_size != tok.config.img_size:
             raise ConfigError(f"data.tokenizer_image_size={cfg.data.tokenizer_image_size} but the visual tokenizer takes {tok.config.img_size} px")
     model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192)
     if cfg.model.init_from:
-        load_checkpoint(model, cfg.model.init_from)
+        try:
+            load_checkpoint(model, cfg.model.init_from)
+        except CheckpointError as err:
+            raise ConfigError(f"model.init_from: {err}") from err
     apply_stage(model, cfg.objective.stage)
-    batches = build_pretrain_batches(cfg.data, text_tok, rank=rank, world_size=world_size, seed=cfg.train.seed)
+    try:
+        batches = build_pretrain_batches(cfg.data, text_tok, rank=rank, world_size=world_size, seed=cfg.train.seed)
+        batches.check_batch_sizes()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
     inputs = PretrainInputs(
         batches,
         cfg.objective.masking,
@@ -191,9 +202,10 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     """Check the config, build everything for this rank and train (auto-resuming from ``output_dir``)."""
     check_config(cfg)
     init_distributed()
-    if get_rank() == 0:
-        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
     objective, inputs = build_pretraining(cfg, get_rank(), get_world_size())
+    check_checkpoint_space(objective, cfg.output_dir)
+    if get_rank() == 0:  # only once every check passed: a failing start overwrites nothing
+        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
     return train(objective, inputs, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
 
 
@@ -223,4 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (TrainingStopped, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +14,29 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from tokenizer import VQKD, load_tokenizer, save_tokenizer
-from tokenizer.precomputed import load_precomputed_codes, read_jsonl_index, tokenize_images
-from tokenizer.train import NO_DECAY_SUFFIXES, TokenizerObjectiveConfig, VQKDObjective, build_tokenizer_objective, code_perplexity, save_usage_histogram
+from tokenizer.precomputed import eval_transform, load_precomputed_codes, read_jsonl_index, tokenize_images
+from tokenizer.teachers import FrozenTeacher
+from tokenizer.train import (
+    NO_DECAY_SUFFIXES,
+    TokenizerObjectiveConfig,
+    VQKDObjective,
+    build_tokenizer_objective,
+    code_informativeness,
+    code_perplexity,
+    save_usage_histogram,
+)
 
 from .config import ConfigError, load_config, to_dict, write_yaml
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
-from .engine import OptimConfig, TrainConfig, add_common_args, barrier, export_consolidated_state_dict, get_rank, get_world_size, init_distributed, train
+from .engine import (OptimConfig, TrainConfig, TrainingStopped, add_common_args, barrier, build_deepspeed_config,
+                     check_checkpoint_space, export_consolidated_state_dict, get_rank, get_world_size,
+                     init_distributed, train)
+from .errors import CheckpointError
+from .startup import check_data, check_output_dir
 
 RUN_CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -40,7 +53,8 @@ class HeldOutConfig:
     """Held-out images (a JSONL index relative to ``data.root``) coded at the end to measure codebook usage."""
 
     index: str = "imagenet.val.index.jsonl"
-    max_images: int = 2000
+    max_images: int = 2000  # images coded for codebook usage
+    informativeness_images: int = 256  # images decoded from true vs shuffled codes (held in memory)
 
 
 @dataclass
@@ -81,20 +95,14 @@ def check_config(cfg: TokenizerTrainingConfig) -> None:
         raise ConfigError("train.zero_stage must be 0, 1 or 2 for tokenizer training: the EMA codebook is updated in place")
     if cfg.train.precision != "fp32":
         raise ConfigError("train.precision must be fp32 for tokenizer training: the EMA codebook must not be cast to bf16")
-    if not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root '{cfg.data.root}' is not a directory (make one with tools/make_demo_data.py)")
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
+    check_data(cfg.data, streams=("image",))
+    build_deepspeed_config(cfg.train)  # a missing or malformed train.deepspeed_config file
+    check_output_dir(cfg.output_dir)
 
 
-def held_out_usage(tok: VQKD, cfg: TokenizerTrainingConfig) -> dict:
-    """Code the held-out images (fixed center crops) and report usage, perplexity and a histogram PNG."""
+def held_out_report(tok: VQKD, teacher: FrozenTeacher, cfg: TokenizerTrainingConfig) -> dict:
+    """Code the held-out images (fixed center crops): usage, perplexity, a histogram PNG, and whether the codes carry
+    information (reconstruction from each image's own codes vs from another image's, ``code_informativeness``)."""
     out = Path(cfg.output_dir)
     index = Path(cfg.data.root) / cfg.held_out.index
     if not index.is_file():
@@ -104,11 +112,16 @@ def held_out_usage(tok: VQKD, cfg: TokenizerTrainingConfig) -> dict:
     _, codes = load_precomputed_codes(codes_dir, mmap=False)
     counts = torch.from_numpy(np.bincount(codes.reshape(-1).astype(np.int64), minlength=tok.config.codebook_size))
     save_usage_histogram(counts, out / HISTOGRAM_FILE, title=f"held-out codes ({len(paths)} images)")
+    view = eval_transform(tok.config.img_size)
+    subset = paths[: cfg.held_out.informativeness_images]
+    images = torch.stack([view(Image.open(Path(cfg.data.root) / p).convert("RGB")) for p in subset])
+    informative = code_informativeness(tok, images, teacher)
     return {
         "held_out_images": len(paths),
         "held_out_codebook_usage": float((counts > 0).float().mean()),
         "held_out_code_perplexity": code_perplexity(counts),
         "codebook_size": tok.config.codebook_size,
+        **{f"held_out_{k}": informative[k] for k in ("rec_loss_true", "rec_loss_shuffled", "relative_gap")},
     }
 
 
@@ -119,7 +132,7 @@ def finish(cfg: TokenizerTrainingConfig, objective: VQKDObjective) -> dict:
     tok = VQKD(objective.tokenizer.config)
     tok.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     save_tokenizer(tok, Path(cfg.output_dir) / TOKENIZER_DIR)
-    report = held_out_usage(load_tokenizer(Path(cfg.output_dir) / TOKENIZER_DIR), cfg)
+    report = held_out_report(load_tokenizer(Path(cfg.output_dir) / TOKENIZER_DIR), objective.teacher, cfg)
     (Path(cfg.output_dir) / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -129,8 +142,6 @@ def run_tokenizer_training(cfg: TokenizerTrainingConfig) -> dict:
     check_config(cfg)
     init_distributed()
     rank = get_rank()
-    if rank == 0:
-        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     objective = build_tokenizer_objective(cfg.objective)
     if objective.tokenizer.config.img_size != cfg.data.tokenizer_image_size:
@@ -138,8 +149,16 @@ def run_tokenizer_training(cfg: TokenizerTrainingConfig) -> dict:
             f"data.tokenizer_image_size={cfg.data.tokenizer_image_size} but the tokenizer takes "
             f"{objective.tokenizer.config.img_size} px images (objective.model.img_size)"
         )
-    batches = build_pretrain_batches(cfg.data, None, rank=rank, world_size=get_world_size(), seed=cfg.train.seed)
-    result = train(TokenizerTraining(objective), batches, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
+    try:
+        batches = build_pretrain_batches(cfg.data, None, rank=rank, world_size=get_world_size(), seed=cfg.train.seed)
+        batches.check_batch_sizes()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
+    model = TokenizerTraining(objective)
+    check_checkpoint_space(model, cfg.output_dir)
+    if rank == 0:  # only once every check passed: a failing start overwrites nothing
+        write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
+    result = train(model, batches, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
     barrier()
     if rank == 0:
         result["held_out"] = finish(cfg, objective)
@@ -156,4 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (TrainingStopped, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0

@@ -40,8 +40,22 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, spm_path: str | Path) -> "TextTokenizer":
-        """Load a SentencePiece ``.spm``/``.model`` file whose pieces start ``<unk>``, ``<s>``, ``</s>``."""
-        spm_path = Path(spm_path)
+        """Load a SentencePiece ``.spm``/``.model`` file whose pieces start ``<unk>``, ``<s>``, ``</s>``.
+
+        A missing file raises FileNotFoundError; any unusable content a ValueError naming the file."""
+        try:
+            return cls._from_file(Path(spm_path))
+        except (FileNotFoundError, ValueError) as err:
+            if str(spm_path) in str(err):
+                raise
+            raise ValueError(f"text tokenizer model '{spm_path}' is not a usable SentencePiece model: "
+                             f"{type(err).__name__}: {err}") from err
+        except Exception as err:  # protobuf, sentencepiece and transformers raise assorted types on corrupt files
+            raise ValueError(f"text tokenizer model '{spm_path}' is not a usable SentencePiece model: "
+                             f"{type(err).__name__}: {err}") from err
+
+    @classmethod
+    def _from_file(cls, spm_path: Path) -> "TextTokenizer":
         if not spm_path.is_file():
             raise FileNotFoundError(f"text tokenizer model '{spm_path}' does not exist")
         processor = spm.SentencePieceProcessor()

@@ -12,6 +12,18 @@ from beit3.engine import OptimConfig, TrainConfig
 DIM, HID, VOCAB, SEQ, CLASSES = 8, 16, 16, 5, 4
 
 
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 class ToyMultiway(nn.Module):
     """A 'vision' regression branch and a 'text' classification branch over a shared block, with dropout."""
 
@@ -45,6 +57,8 @@ class ToyMultiway(nn.Module):
 
     def forward(self, batch):
         v = self.block(self.patch(batch["image"]))
+        if "grad_poison" in batch:
+            v = _NaNGrad.apply(v)
         v_loss = F.mse_loss(self.vision_head(v), batch["target"])
         t = self.embed(batch["text"]).mean(1) + self.cls_token
         t = self.block(t)
@@ -60,9 +74,12 @@ class ToyMultiway(nn.Module):
 class ToyBatches:
     """Deterministic per (seed, rank, index) data + augmentation noise from the *global* torch RNG."""
 
-    def __init__(self, seed=0, rank=0, batch_size=4, poison=()):
+    def __init__(self, seed=0, rank=0, batch_size=4, poison=(), grad_poison=(), fail_at=None, skips_every=0):
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
         self.poison = set(poison)
+        self.grad_poison = set(grad_poison)  # batch indices whose loss is finite but whose gradients are NaN
+        self.fail_at = fail_at  # batch index at which the iterator raises (a data-layer error)
+        self.skips_every = skips_every  # pretend one corrupt image per this many batches (skip_counts())
         self.index = 0
         gen = torch.Generator().manual_seed(1234)
         self.teacher = torch.randn(DIM, DIM, generator=gen) / DIM**0.5
@@ -85,11 +102,18 @@ class ToyBatches:
         }
         if i in self.poison:
             batch["poison"] = torch.tensor(float("nan"))
+        if i in self.grad_poison:
+            batch["grad_poison"] = torch.tensor(1.0)
         return batch
+
+    def skip_counts(self):
+        return {"corrupt_image": self.index // self.skips_every} if self.skips_every else {}
 
     def __iter__(self):
         while True:
             i = self.index
+            if self.fail_at is not None and i >= self.fail_at:
+                raise RuntimeError(f"data: too many samples skipped at batch {i} (max_skip_fraction)")
             self.index += 1
             yield self.make(i)
 

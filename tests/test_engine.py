@@ -222,5 +222,9 @@ def test_resume_with_other_world_size_is_a_clear_error(tmp_path):
     state = torch.load(state_file, weights_only=True)
     state["world_size"] = 2  # pretend it came from a 2-rank run
     torch.save(state, state_file)
+    manifest = state_file.parent / "complete.json"  # the manifest records file sizes: keep it consistent
+    meta = json.loads(manifest.read_text())
+    meta["files"]["rank0_state.pt"] = state_file.stat().st_size
+    manifest.write_text(json.dumps(meta))
     with pytest.raises(RuntimeError, match="saved with 2 ranks, this run has 1"):
         run(tmp_path / "run", steps=4, save_every=2)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from beit3.config import ConfigError, from_dict
+from beit3.errors import CheckpointError
 from tokenizer.vqkd import CONFIG_FILE, VQKD, WEIGHTS_FILE, VQKDConfig
 
 DROPPED_PREFIXES = ("teacher", "scaling", "loss")
@@ -31,7 +32,7 @@ REQUIRED_KEYS = (
 )
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(CheckpointError):
     """A checkpoint that is not a VQ-KD tokenizer in a layout we know."""
 
 
@@ -107,14 +108,21 @@ def load_official_vqkd(path: str | Path) -> VQKD:
 def load_pretrained_dir(directory: str | Path) -> VQKD:
     """Load a ``config.json`` + ``model.safetensors`` directory written by ``save_tokenizer``."""
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.pop("model_type", None) != "vqkd":
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointLayoutError(f"'{directory / CONFIG_FILE}' is not a readable JSON config: {err}") from err
+    if not isinstance(config, dict) or config.pop("model_type", None) != "vqkd":
         raise CheckpointLayoutError(f"'{directory / CONFIG_FILE}' is not a VQ-KD config (model_type != 'vqkd')")
     try:
         cfg = from_dict(VQKDConfig, config, prefix="vqkd")
     except ConfigError as err:
         raise CheckpointLayoutError(f"'{directory / CONFIG_FILE}': {err}") from err
-    return _load_strict(VQKD(cfg), load_file(str(directory / WEIGHTS_FILE)), f"'{directory / WEIGHTS_FILE}'")
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointLayoutError(f"'{directory / WEIGHTS_FILE}' is not a readable safetensors file: {err}") from err
+    return _load_strict(VQKD(cfg), state, f"'{directory / WEIGHTS_FILE}'")
 
 
 def _find_pretrained_dir(root: Path) -> Path:

@@ -6,6 +6,9 @@
   the commitment loss, unweighted as official). The step's code ids are kept in ``objective.last_codes``.
 * ``CodeUsageTracker``: fraction of codes used and code perplexity over the last N steps (counts all-reduced).
 * ``save_usage_histogram(counts, path)``: PNG of per-code usage.
+* ``code_informativeness(tokenizer, images, teacher)``: held-out reconstruction loss with each image's own codes vs.
+  codes shuffled across images. Usage alone does not show that codes mean anything: a decoder that ignores its input
+  and predicts the mean target gets the same loss either way (relative gap 0) while usage can still be ~100%.
 * ``param_groups(model, weight_decay)``: AdamW groups, no decay on ndim<=1 tensors, biases, cls_token, pos_embed and
   the codebook (the official ``no_weight_decay`` set).
 """
@@ -180,3 +183,69 @@ def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str = "c
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+@torch.no_grad()
+def code_informativeness(model: VQKD | VQKDObjective, images: torch.Tensor, teacher: FrozenTeacher | None = None,
+                         batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """Do the codes carry information about the image? Held-out check on ``images [B,3,S,S]`` in [0,1] (B >= 2).
+
+    Decodes every image from its own codes (``rec_loss_true``) and from the codes of another image at the same
+    positions (``rec_loss_shuffled``; a derangement, so no image keeps its own codes), both scored with the
+    official cosine loss against ``teacher`` (taken from an objective when not given). Returns::
+
+        rec_loss_true, rec_loss_shuffled
+        relative_gap         (shuffled - true) / shuffled; ~0 when the decoder ignores its codes
+        rec_loss_mean_target loss of predicting the per-position mean target of these images (a code-free baseline)
+        code_stability       fraction of codes identical in two encodings of the same images (eval mode)
+        codebook_usage       fraction of the codebook used on these images
+        code_perplexity      perplexity of the code distribution on these images
+        codes_per_position   mean number of distinct codes per patch position across images
+        codes_per_image      mean number of distinct codes within one image
+
+    Runs in eval mode (no codebook or usage-statistic update) and restores the previous mode.
+    """
+    if isinstance(model, VQKDObjective):
+        teacher = teacher if teacher is not None else model.teacher
+        model = model.tokenizer
+    if teacher is None:
+        raise ValueError("code_informativeness needs a teacher (or a VQKDObjective that holds one)")
+    if images.shape[0] < 2:
+        raise ValueError(f"code_informativeness needs at least 2 images, got {images.shape[0]}")
+    was_training = model.training
+    model.eval()
+    try:
+        codes, again, targets = [], [], []
+        for chunk in images.split(batch_size):
+            codes.append(model.get_codebook_indices(chunk))
+            again.append(model.get_codebook_indices(chunk))
+            targets.append(teacher(chunk).float())
+        codes, again, targets = torch.cat(codes), torch.cat(again), torch.cat(targets)
+        num = codes.shape[0]
+        order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+        donor = torch.empty_like(order)
+        donor[order] = order.roll(1)  # image order[i] gets the codes of image order[i-1]: never its own
+
+        def rec_loss(code_ids: torch.Tensor) -> float:
+            total = 0.0
+            for ids, target in zip(code_ids.split(batch_size), targets.split(batch_size)):
+                prediction = model.decode(model.quantize.embedding(ids))
+                total += float(cosine_regression_loss(prediction, target)) * ids.shape[0]
+            return total / num
+
+        true_loss, shuffled_loss = rec_loss(codes), rec_loss(codes[donor])
+        mean_target = F.normalize(targets, dim=-1).mean(0, keepdim=True).expand_as(targets)
+        counts = torch.bincount(codes.reshape(-1), minlength=model.config.codebook_size)
+        return {
+            "rec_loss_true": true_loss,
+            "rec_loss_shuffled": shuffled_loss,
+            "relative_gap": (shuffled_loss - true_loss) / max(shuffled_loss, 1e-12),
+            "rec_loss_mean_target": float(cosine_regression_loss(mean_target, targets)),
+            "code_stability": float((codes == again).float().mean()),
+            "codebook_usage": float((counts > 0).float().mean()),
+            "code_perplexity": code_perplexity(counts),
+            "codes_per_position": float(sum(col.unique().numel() for col in codes.t()) / codes.shape[1]),
+            "codes_per_image": float(sum(row.unique().numel() for row in codes) / num),
+        }
+    finally:
+        model.train(was_training)

@@ -1,19 +1,7 @@
-"""Train a unigram SentencePiece text tokenizer with the beit3.spm piece layout (<unk>=0, <s>=1, </s>=2)."""
-import argparse
+"""Train a unigram SentencePiece text tokenizer with the beit3.spm piece layout (<unk>=0, <s>=1, </s>=2) (see `beit3.cli.train_text_tokenizer_main`)."""
+import sys
 
-from beit3.text import train_text_tokenizer
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence or document per line")
-    parser.add_argument("--out", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--character-coverage", type=float, default=1.0)
-    args = parser.parse_args()
-    path = train_text_tokenizer(args.input, args.out, args.vocab_size, args.character_coverage)
-    print(path)
-
+from beit3.cli import train_text_tokenizer_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(train_text_tokenizer_main())

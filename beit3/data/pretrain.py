@@ -31,6 +31,10 @@ from beit3.data.transforms import TwoViewTransform
 from beit3.text import TextTokenizer
 
 STREAMS = ("image", "text", "pair")
+
+
+class SkipLimitError(RuntimeError):
+    """The fraction of skipped samples passed ``data.max_skip_fraction``; the message has the counts by reason."""
 _STREAM_CODES = {name: code for code, name in enumerate(STREAMS)}
 
 
@@ -194,6 +198,13 @@ class PretrainBatches:
         """Skipped samples so far by reason, e.g. ``{"corrupt_image": 2, "missing_file": 1}``."""
         return dict(self._skips)
 
+    def check_batch_sizes(self) -> None:
+        """A batch larger than its source would repeat samples within one step: a ValueError naming the key."""
+        for stream in self.dataset.streams:
+            if stream.batch > len(stream.source):
+                raise ValueError(f"data.{stream.name}_batch={stream.batch} is larger than the {len(stream.source)} "
+                                 f"samples of the {stream.name} source '{stream.source.location}'")
+
     def state_dict(self) -> dict:
         return {"next_step": self.next_step, "skip_counts": dict(self._skips)}
 
@@ -205,7 +216,7 @@ class PretrainBatches:
         skipped = sum(self._skips.values())
         drawn = self.next_step * self.samples_per_step + skipped
         if drawn >= self.skip_check_min_samples and skipped > self.max_skip_fraction * drawn:
-            raise RuntimeError(f"data: {skipped} of {drawn} samples skipped ({dict(self._skips)}), more than "
+            raise SkipLimitError(f"data: {skipped} of {drawn} samples skipped ({dict(self._skips)}), more than "
                                f"max_skip_fraction={self.max_skip_fraction}; check the data sources")
 
     def __iter__(self) -> Iterator[dict]:

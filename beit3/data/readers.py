@@ -4,13 +4,17 @@ Map-style readers (``TextLines``, ``TarShardIndex``) give random access by integ
 pretraining mixer needs for exact resume. ``webdataset_stream`` reads shards sequentially through the ``webdataset``
 library (split by rank and worker, or resampled without end) for pipelines that only need a stream.
 A sample that cannot be used raises :class:`SkipSample` with a reason (``missing_file``, ``corrupt_image``,
-``empty_text``) so that callers can replace and count it.
+``empty_text``, ``overlong_text``, ``truncated_sample``, ``broken_shard``) so that callers can replace and count it.
+A shard that is unreadable from some point on (truncated download) keeps the samples before that point; one that is
+unreadable from the start is left out with a warning (an error only when no shard is readable).
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import warnings
 from bisect import bisect_right
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +25,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+MAX_TEXT_BYTES = 1 << 16  # a longer line/caption is a broken record (e.g. a file without newlines), not a sentence
 
 
 class SkipSample(Exception):
@@ -55,13 +60,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"index file '{path}' does not exist")
     items = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"index file '{path}' line {number}: not UTF-8 text ({err})") from err
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"index file '{path}' line {number}: not valid JSON ({err})") from err
             if not isinstance(item, dict):
                 raise ValueError(f"index file '{path}' line {number}: expected a JSON object, got {item!r}")
@@ -113,9 +122,15 @@ class TextLines:
         file_index = bisect_right(self._cumulative, index) - 1
         offsets = self._offsets[file_index]
         line = index - int(self._cumulative[file_index])
-        with self.files[file_index].open("rb") as f:
-            f.seek(int(offsets[line]))
-            text = f.read(int(offsets[line + 1] - offsets[line])).decode("utf-8", errors="replace").strip()
+        size = int(offsets[line + 1] - offsets[line])
+        if size > MAX_TEXT_BYTES:
+            raise SkipSample("overlong_text", f"{self.files[file_index]} line {line + 1} has {size} bytes")
+        try:
+            with self.files[file_index].open("rb") as f:
+                f.seek(int(offsets[line]))
+                text = f.read(size).decode("utf-8", errors="replace").strip()
+        except OSError as err:
+            raise SkipSample("missing_file", f"{self.files[file_index]}: {err}") from err
         if not text:
             raise SkipSample("empty_text", f"{self.files[file_index]} line {line + 1}")
         return text
@@ -152,18 +167,24 @@ class TarShardIndex:
     def __init__(self, shards: Sequence[str | Path], required: Sequence[str] = ("jpg", "txt")):
         self.shards = [Path(s) for s in shards]
         self._entries: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+        self.broken_shards: list[str] = []  # "path: reason" of shards (partly) unreadable at indexing time
         for shard_index, shard in enumerate(self.shards):
             members: dict[str, dict[str, tuple[int, int]]] = {}
             try:
+                file_size = shard.stat().st_size
                 with tarfile.open(shard) as tar:
                     for info in tar:
-                        if info.isfile() and "." in info.name:
+                        if info.isfile() and "." in info.name and info.offset_data + info.size <= file_size:
                             key, ext = info.name.split(".", 1)
                             members.setdefault(key, {})[ext] = (info.offset_data, info.size)
-            except (tarfile.TarError, OSError) as err:
-                raise ValueError(f"shard '{shard}' is not a readable tar file: {err}") from err
+            except (tarfile.TarError, OSError, EOFError, ValueError) as err:  # truncated or not a tar file
+                self.broken_shards.append(f"{shard}: {err}")
+                warnings.warn(f"shard '{shard}' is unreadable from some point on ({err}); "
+                              f"{len(members)} samples before it are used")
             self._entries.extend((shard_index, key, parts) for key, parts in members.items()
                                  if all(ext in parts for ext in required))
+        if not self._entries and self.broken_shards:
+            raise ValueError(f"no readable sample in the shards: {self.broken_shards[:3]}")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -177,10 +198,16 @@ class TarShardIndex:
         """``{"__key__": key, ext: bytes, ...}`` of sample ``index``."""
         shard_index, key, parts = self._entries[index]
         sample: dict = {"__key__": key}
-        with self.shards[shard_index].open("rb") as f:
-            for ext, (offset, size) in parts.items():
-                f.seek(offset)
-                sample[ext] = f.read(size)
+        where = f"{self.shards[shard_index]}:{key}"
+        try:
+            with self.shards[shard_index].open("rb") as f:
+                for ext, (offset, size) in parts.items():
+                    f.seek(offset)
+                    sample[ext] = f.read(size)
+                    if len(sample[ext]) != size:
+                        raise SkipSample("truncated_sample", f"{where}.{ext}: {len(sample[ext])} of {size} bytes")
+        except OSError as err:  # the shard vanished or became unreadable during the run
+            raise SkipSample("broken_shard", f"{where}: {err}") from err
         return sample
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from beit3.data.readers import (SkipSample, TarShardIndex, TextLines, decode_image, expand_shards, list_image_folder,
+from beit3.data.readers import (MAX_TEXT_BYTES, SkipSample, TarShardIndex, TextLines, decode_image, expand_shards, list_image_folder,
                                 load_image, read_jsonl)
 from beit3.text import TextTokenizer
 
@@ -89,6 +89,8 @@ class ShardSource:
         where = self.index.describe(index)
         sample = {}
         if self.with_text:
+            if len(raw["txt"]) > MAX_TEXT_BYTES:
+                raise SkipSample("overlong_text", f"{where}.txt has {len(raw['txt'])} bytes")
             sample["text_ids"] = _text_ids(self.tokenizer.encode(raw["txt"].decode("utf-8", "replace")), where)
         sample["image"] = decode_image(raw["jpg"], where)
         return sample

@@ -11,9 +11,17 @@ Contract for ``train(model, batches, train_cfg, optim_cfg, output_dir, config_sn
   ``num_layers_for_lr_decay() -> int`` (layer decay), ``set_grad_checkpointing(bool)``.
 - Precision: ``bf16`` runs the model in bf16 with fp32 master weights (DeepSpeed ``bf16.enabled``); floating-point
   tensors of each batch are cast to bf16 when moved to the device. ``gradient_clipping`` is always explicit.
-- A step whose loss is non-finite on any rank is skipped on all ranks (gradients dropped, no AdamW update, the lr
-  schedule still advances with the step index); ``max_nonfinite_steps`` in a row raise :class:`NonFiniteLossError`
-  naming the last good checkpoint. No periodic checkpoint is written on a skipped step.
+- A step whose loss, or any gradient (``check_nonfinite_grads``, tensor hooks before DeepSpeed's reduction), is
+  non-finite on any rank is skipped on all ranks (gradients dropped, no AdamW update, the lr schedule still advances
+  with the step index); ``max_nonfinite_steps`` in a row raise :class:`NonFiniteLossError` naming the last good
+  checkpoint. No periodic checkpoint is written on a skipped step.
+- Data faults: an exception from ``batches`` on any rank (e.g. the skip rate passed ``data.max_skip_fraction``)
+  stops every rank at the same step with :class:`DataFaultError` (a :class:`TrainingStopped`); the last checkpoint
+  is untouched. With ``batches.skip_counts()`` every log line carries ``data_skips`` (summed over ranks), and the
+  run ends with a summary message.
+- Start-up: ``check_checkpoint_space`` raises ConfigError when the disk cannot hold one more checkpoint.
+- Checkpoints are written under a temporary tag and renamed after every rank finished (see ``checkpointing``);
+  resume picks the newest complete one and reads DeepSpeed files with ``torch.load(weights_only=True)``.
 - Checkpoints every ``save_every`` steps and at the end (also when a callback asks to stop), the last ``keep_last``
   kept; auto-resume (default) reloads model/optimizer/scheduler, each rank's data state and RNG states: a resumed run
   reproduces the uninterrupted one exactly (fp32). Resuming needs the same number of ranks.
@@ -32,14 +40,16 @@ Typical tool::
     if is_main_process():
         weights = export_consolidated_state_dict(cfg.output_dir)   # fp32 name -> tensor, any ZeRO stage
 """
-from .checkpointing import export_consolidated_state_dict, read_latest, resolve_checkpoint
+from .checkpointing import (check_checkpoint_space, estimate_checkpoint_bytes, export_consolidated_state_dict,
+                            find_resume_tag, read_latest, resolve_checkpoint)
 from .config import DEFAULT_DEEPSPEED_CONFIGS, OptimConfig, TrainConfig, build_deepspeed_config
 from .dist import add_common_args, barrier, get_local_rank, get_rank, get_world_size, init_distributed, is_main_process
-from .loop import Callback, NonFiniteLossError, move_to_device, train
+from .loop import Callback, DataFaultError, NonFiniteLossError, TrainingStopped, move_to_device, train
 from .optim import WarmupCosineSchedule, build_optimizer, lr_factor, param_groups
 
 __all__ = [
-    "Callback", "DEFAULT_DEEPSPEED_CONFIGS", "NonFiniteLossError", "OptimConfig", "TrainConfig", "WarmupCosineSchedule",
+    "Callback", "DEFAULT_DEEPSPEED_CONFIGS", "DataFaultError", "NonFiniteLossError", "TrainingStopped",
+    "check_checkpoint_space", "estimate_checkpoint_bytes", "find_resume_tag", "OptimConfig", "TrainConfig", "WarmupCosineSchedule",
     "add_common_args", "barrier", "build_deepspeed_config", "build_optimizer", "export_consolidated_state_dict",
     "get_local_rank", "get_rank", "get_world_size", "init_distributed", "is_main_process", "lr_factor",
     "move_to_device", "param_groups", "read_latest", "resolve_checkpoint", "train",

@@ -1,15 +1,28 @@
-"""Checkpoints: DeepSpeed tag directories + per-rank data/RNG state, atomic ``latest`` pointer, retention, export.
+"""Checkpoints: DeepSpeed tag directories + per-rank data/RNG state, atomic publication, retention, export.
 
 Layout under ``output_dir/checkpoints/``::
 
     latest                      the tag of the newest complete checkpoint (DeepSpeed's format: one line)
-    step00000300/               engine.save_checkpoint(...) files (model/optimizer/scheduler, ZeRO partitions)
+    step00000300/               a complete checkpoint (only ever created by renaming a finished temporary dir)
+        *model_states.pt, *optim_states.pt   engine.save_checkpoint(...) files (model/optimizer/scheduler, ZeRO)
         rank0_state.pt          data-iterator state_dict + RNG states of rank 0 (torch.load(weights_only=True))
         rank1_state.pt          ...
+        complete.json           manifest written last: step, world size, every file with its size
+    .tmp-step00000400/          a save in progress (or left by a crash during a save; removed on resume)
     zero_to_fp32.py             copied there by DeepSpeed
+
+A save is written under ``.tmp-<tag>``; after every rank finished (barrier) rank 0 writes the manifest, renames the
+directory to ``<tag>`` (atomic on POSIX), points ``latest`` at it (temp file + ``os.replace``) and only then prunes
+old tags. A kill at any moment leaves ``latest`` on a complete checkpoint; resume verifies the manifest and falls
+back to the newest complete tag if ``latest`` is missing or broken (:func:`find_resume_tag`).
+
+Test hook (used by the kill-during-save test only): with ``BEIT3_TEST_CRASH_IN_SAVE=RANK:STEP`` in the environment,
+rank RANK calls ``os._exit(17)`` in the middle of the save of step STEP (after writing its files, before the barrier
+that publishes the checkpoint), as a SIGKILL would leave it.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -20,7 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from beit3.errors import CheckpointError
+
 from .dist import barrier, get_rank, get_world_size
+from .safe_load import safe_torch_load, safe_zero_to_fp32
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 
@@ -95,47 +111,183 @@ def list_tags(ckpt_dir: str | Path) -> list[tuple[int, str]]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    tags = [(step_of_tag(p.name), p.name) for p in ckpt_dir.iterdir() if p.is_dir()]
+    tags = [(step_of_tag(p.name), p.name) for p in ckpt_dir.iterdir() if p.is_dir()]  # .tmp-* dirs: step None
     return sorted((s, t) for s, t in tags if s is not None)
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, data_state, keep_last: int) -> Path:
-    """Save on ALL ranks; returns the tag directory.
+TMP_PREFIX = ".tmp-"
+MANIFEST = "complete.json"
+CRASH_HOOK_ENV = "BEIT3_TEST_CRASH_IN_SAVE"
 
-    Order: every rank writes its part into the tag directory, barrier, rank 0 points ``latest`` at it (temp file +
-    os.replace), barrier, then rank 0 deletes the oldest tags beyond ``keep_last``. A crash at any point leaves
-    ``latest`` on a complete checkpoint.
+
+def _crash_hook(rank: int, step: int) -> None:
+    """Test hook (see the module docstring): die like a SIGKILL in the middle of a save."""
+    spec = os.environ.get(CRASH_HOOK_ENV)
+    if spec and spec == f"{rank}:{step}":
+        print(f"[beit3.engine] {CRASH_HOOK_ENV}={spec}: rank {rank} exits in the middle of the save of step {step}",
+              flush=True)
+        os._exit(17)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    for path in tag_dir.iterdir():  # make the data durable before the rename publishes it
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    tmp = tag_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump({"step": int(step), "world_size": int(world_size), "files": files}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def checkpoint_problem(tag_dir: str | Path) -> str | None:
+    """Why ``tag_dir`` is not a complete checkpoint (None when it is).
+
+    Complete = its manifest exists and every listed file is there with its recorded size. Directories saved before
+    manifests existed count as complete when ``rank0_state.pt`` and a model-states file are present.
+    """
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return f"'{tag_dir}' does not exist"
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        if (tag_dir / "rank0_state.pt").is_file() and any(tag_dir.glob("*model_states.pt")):
+            try:
+                world = int(load_rank_state(tag_dir, 0).get("world_size", 1))
+            except (CheckpointError, FileNotFoundError, TypeError, ValueError) as err:
+                return str(err)
+            missing = [f"rank{r}_state.pt" for r in range(world) if not (tag_dir / f"rank{r}_state.pt").is_file()]
+            return f"'{tag_dir}' lacks {', '.join(missing)}" if missing else None
+        return f"'{tag_dir}' has no {MANIFEST} (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"'{manifest}' is unreadable: {err}"
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"'{path}' is missing"
+        if path.stat().st_size != size:
+            return f"'{path}' has {path.stat().st_size} bytes, the manifest says {size} (truncated?)"
+    return None
+
+
+def find_resume_tag(ckpt_dir: str | Path) -> tuple[str | None, list[str]]:
+    """(tag to resume from, notes). ``latest`` when it names a complete checkpoint, else the newest complete tag.
+
+    Pure reading: every rank calls it on the same directory and gets the same answer; cleaning up is
+    :func:`clean_after_resume` (rank 0).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    notes = []
+    latest = read_latest(ckpt_dir)
+    if latest is not None:
+        problem = checkpoint_problem(ckpt_dir / latest)
+        if problem is None:
+            return latest, notes
+        notes.append(f"'latest' names '{latest}', which is not a complete checkpoint ({problem})")
+    for step, tag in reversed(list_tags(ckpt_dir)):
+        problem = checkpoint_problem(ckpt_dir / tag)
+        if problem is None:
+            if latest is not None or notes:
+                notes.append(f"resuming from the newest complete checkpoint '{tag}' instead")
+            return tag, notes
+        notes.append(f"skipping '{tag}': {problem}")
+    return None, notes
+
+
+def clean_after_resume(ckpt_dir: str | Path, tag: str | None) -> list[str]:
+    """Rank 0: remove temporary save dirs and tags newer than the resumed one (they will be written again).
+    Published tags are never removed when no checkpoint is usable (they are left for inspection). Returns the
+    removed names."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = []
+    resume_step = step_of_tag(tag) if tag else None
+    for path in ckpt_dir.iterdir():
+        if not path.is_dir():
+            continue
+        step = step_of_tag(path.name)
+        stale = path.name.startswith(TMP_PREFIX)
+        if step is not None and resume_step is not None:
+            stale = step > resume_step
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if tag is not None and read_latest(ckpt_dir) != tag:
+        _write_latest(ckpt_dir, tag)
+    return sorted(removed)
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, data_state, keep_last: int) -> Path:
+    """Save on ALL ranks; returns the published tag directory.
+
+    Every rank writes its part into ``.tmp-<tag>``, barrier, rank 0 writes the manifest, renames the directory to
+    ``<tag>``, points ``latest`` at it, then deletes complete tags beyond the newest ``keep_last`` (never the new
+    one) and leftover temporary dirs; barrier. A crash at any point leaves ``latest`` on a complete checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     rank = get_rank()
     tag = tag_for_step(step)
+    tmp_tag = TMP_PREFIX + tag
+    tmp_dir, tag_dir = ckpt_dir / tmp_tag, ckpt_dir / tag
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by an earlier crash at this step
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    tag_dir = ckpt_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
     rank_state = {"step": int(step), "rank": rank, "world_size": get_world_size(), "data": data_state,
                   "rng": capture_rng_state()}
-    tmp = tag_dir / f".rank{rank}_state.pt.tmp"
+    tmp = tmp_dir / f".rank{rank}_state.pt.tmp"
     torch.save(rank_state, tmp)
-    os.replace(tmp, tag_dir / f"rank{rank}_state.pt")
+    os.replace(tmp, tmp_dir / f"rank{rank}_state.pt")
+    _crash_hook(rank, step)
     barrier()
     if rank == 0:
+        _write_manifest(tmp_dir, step, get_world_size())
+        if tag_dir.exists():  # a stale copy of this step (never the one `latest` names: steps only grow)
+            old = ckpt_dir / (TMP_PREFIX + "old-" + tag)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(tag_dir, old)
+        os.replace(tmp_dir, tag_dir)
+        _fsync_dir(ckpt_dir)
         _write_latest(ckpt_dir, tag)
-    barrier()
-    if rank == 0:
-        for old_step, old_tag in list_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+        _fsync_dir(ckpt_dir)
+        complete = [t for _, t in list_tags(ckpt_dir) if checkpoint_problem(ckpt_dir / t) is None]
+        for old_tag in complete[:-keep_last] if keep_last > 0 else []:
             if old_tag != tag:
                 shutil.rmtree(ckpt_dir / old_tag, ignore_errors=True)
+        for path in ckpt_dir.iterdir():
+            if path.is_dir() and path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+    barrier()
     return tag_dir
 
 
 def remove_stale_tags(ckpt_dir: str | Path, latest_step: int) -> None:
-    """Rank 0: delete tags newer than ``latest`` (left by a crash during a save)."""
-    for step, tag in list_tags(ckpt_dir):
-        if step > latest_step:
-            shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+    """Rank 0: delete tags newer than ``latest`` and temporary save dirs (left by a crash during a save)."""
+    for path in Path(ckpt_dir).iterdir() if Path(ckpt_dir).is_dir() else []:
+        step = step_of_tag(path.name)
+        if path.is_dir() and (path.name.startswith(TMP_PREFIX) or (step is not None and step > latest_step)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_rank_state(tag_dir: str | Path, rank: int) -> dict:
@@ -145,17 +297,22 @@ def load_rank_state(tag_dir: str | Path, rank: int) -> dict:
             f"checkpoint '{tag_dir}' has no '{path.name}': it is incomplete or was saved with fewer ranks than the "
             f"current world size ({get_world_size()}); resume with the same number of ranks"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle with code, truncated file, ...
+        raise CheckpointError(f"cannot read '{path}' with torch.load(weights_only=True): {err}") from err
 
 
 # -------------------------------------------------------------------------------------------------------------- export
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints dir, tag) for an output dir, a checkpoints dir (with ``latest``) or a tag dir."""
     path = Path(path)
-    if (path / "checkpoints" / "latest").is_file():
+    if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / "latest").is_file():
-        tag = read_latest(path)
+    if (path / "latest").is_file() or any(step_of_tag(p.name) is not None for p in path.glob("step*")):
+        tag, notes = find_resume_tag(path)
+        if tag is None:
+            raise CheckpointError(f"no complete checkpoint in '{path}': {'; '.join(notes) or 'no tags'}")
         return path, tag
     if path.is_dir() and any(path.glob("*model_states.pt")):
         return path.parent, path.name
@@ -172,15 +329,14 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
     ckpt_dir, tag = resolve_checkpoint(path)
     tag_dir = ckpt_dir / tag
     if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag,
-                                                         exclude_frozen_parameters=exclude_frozen_parameters)
+        with safe_zero_to_fp32() as zero_to_fp32:
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt_dir), tag=tag, exclude_frozen_parameters=exclude_frozen_parameters)
         if not exclude_frozen_parameters:
             # DeepSpeed pitfall: ZeRO-1 (no gradient partitioning) does not record frozen parameters in
             # frozen_param_shapes, so zero_to_fp32 drops them; the saved module state dict has them in full.
             files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
-            module = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {} if files else {}
+            module = safe_torch_load(files[0], map_location="cpu").get("module") or {} if files else {}
             for name, tensor in module.items():
                 if name not in state and isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
                     state[name] = tensor
@@ -188,7 +344,7 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no model states in '{tag_dir}'")
-        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        saved = safe_torch_load(files[0], map_location="cpu")
         state = dict(saved["module"])
         # bf16/fp16 without ZeRO: the module holds 16-bit weights; the fp32 masters are the optimizer's fp32_groups,
         # mapped to names with the per-group parameter names the engine stores in the client state.
@@ -200,3 +356,45 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
                 state.update(zip(group_names, tensors))
     return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
             for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- disk space
+BYTES_PER_TRAINABLE_PARAM = 16  # fp32 weights (module states) + fp32 master copy + AdamW exp_avg + exp_avg_sq
+BYTES_PER_FROZEN_PARAM = 4  # fp32 weights only
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Upper estimate of one checkpoint's size: parameter count x bytes (weights + optimizer states), +5% + 1 MiB
+    for buffers, client state and per-rank files."""
+    trainable = frozen = 0
+    for param in model.parameters():
+        numel = int(getattr(param, "ds_numel", param.numel()))
+        if param.requires_grad:
+            trainable += numel
+        else:
+            frozen += numel
+    raw = trainable * BYTES_PER_TRAINABLE_PARAM + frozen * BYTES_PER_FROZEN_PARAM
+    return int(raw * 1.05) + (1 << 20)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent); ``shutil.disk_usage``."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_checkpoint_space(model: torch.nn.Module, output_dir: str | Path) -> None:
+    """Raise ConfigError (naming output_dir) when the disk cannot hold one more checkpoint: a new checkpoint is
+    written next to the previous one, which is deleted only after the new one is complete."""
+    from beit3.config import ConfigError
+
+    need = estimate_checkpoint_bytes(model)
+    free = free_bytes(output_dir)
+    if free < need:
+        raise ConfigError(
+            f"output_dir '{output_dir}': not enough free disk space for a checkpoint: about {need / 2**20:.1f} MiB "
+            f"needed (parameters x {BYTES_PER_TRAINABLE_PARAM} bytes: fp32 weights + master copy + AdamW states), "
+            f"{free / 2**20:.1f} MiB free"
+        )

@@ -114,7 +114,8 @@ class TrainConfig:
     auto_resume: bool = True
     tensorboard: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
-    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
+    check_nonfinite_grads: bool = True  # also skip steps whose loss is finite but a gradient is NaN/Inf
 
     def __post_init__(self):
         positive = ("steps", "micro_batches", "log_every", "save_every", "keep_last", "max_nonfinite_steps")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,18 +13,53 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .checkpointing import (list_tags, load_rank_state, read_latest, remove_stale_tags, restore_rng_state,
-                            save_checkpoint, seed_everything, step_of_tag)
+from .checkpointing import (check_checkpoint_space, clean_after_resume, find_resume_tag, list_tags, load_rank_state,
+                            read_latest, restore_rng_state, save_checkpoint, seed_everything)
 from .config import OptimConfig, TrainConfig, build_deepspeed_config
 from .dist import all_reduce_, barrier, get_rank, get_world_size, init_distributed
 from .monitor import Monitor
 from .optim import WarmupCosineSchedule, build_optimizer, lr_factor, make_step_skippable
+from .safe_load import install_safe_loader
 
 COUNTERS = ("num_samples", "num_tokens")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after ``max_nonfinite_steps`` consecutive optimizer steps with a non-finite loss."""
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose before ``train.steps``; the message says why and names the last good checkpoint.
+    Raised on every rank at the same step (the decision is all-reduced), so no rank is left waiting."""
+
+
+class NonFiniteLossError(TrainingStopped):
+    """Raised after ``max_nonfinite_steps`` consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+class DataFaultError(TrainingStopped):
+    """The data layer failed on some rank (e.g. its skip rate passed ``data.max_skip_fraction``)."""
+
+
+class _GradFiniteCheck:
+    """Tensor hooks that OR "this gradient has a NaN/Inf" into one device flag, per micro batch and parameter.
+
+    Hooks see each parameter's gradient as autograd produces it, before DeepSpeed accumulates, reduces or partitions
+    it, so the check is the same for ZeRO 0/1/2/3 and costs one small reduction per parameter (no host sync).
+    """
+
+    def __init__(self, model: nn.Module, device):
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.handles = [p.register_hook(self._hook) for p in model.parameters() if p.requires_grad]
+
+    def _hook(self, grad: torch.Tensor):
+        self.flag |= ~torch.isfinite(grad.detach().sum())  # NaN/Inf propagate through the sum
+        return None
+
+    def take(self) -> torch.Tensor:
+        flag = self.flag.clone()
+        self.flag.zero_()
+        return flag
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class Callback:
@@ -157,6 +193,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     callbacks = list(callbacks or [])
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
+    check_checkpoint_space(model, output_dir)  # ConfigError before anything is written
     seed_everything(train_cfg.seed + rank)
 
     if hasattr(model, "set_grad_checkpointing"):
@@ -174,17 +211,24 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     with _scalar_params_as_vectors(model):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, dist_init_required=False)
+    install_safe_loader(engine)  # resume reads DeepSpeed files with torch.load(weights_only=True) + allow-list
     float_dtype = torch.bfloat16 if train_cfg.precision == "bf16" else None
+    grad_check = _GradFiniteCheck(engine.module, engine.device) if train_cfg.check_nonfinite_grads else None
 
     # ------------------------------------------------------------------------------------------------ auto-resume
     start_step = 0
     resumed_from = None
-    latest = read_latest(ckpt_dir) if train_cfg.auto_resume else None
+    latest, notes = find_resume_tag(ckpt_dir) if train_cfg.auto_resume else (None, [])
+    barrier()  # every rank has chosen (same files, same answer) before rank 0 cleans up
+    if rank == 0 and train_cfg.auto_resume:
+        for note in notes:
+            print(f"[beit3.engine] {note}", file=sys.stderr)
+        removed = clean_after_resume(ckpt_dir, latest)
+        if removed:
+            print(f"[beit3.engine] removed incomplete or stale checkpoint dirs: {', '.join(removed)}", file=sys.stderr)
+    barrier()
     rank_state = None
     if latest is not None:
-        latest_step = step_of_tag(latest)
-        if rank == 0 and latest_step is not None:
-            remove_stale_tags(ckpt_dir, latest_step)
         resumed_from = str(ckpt_dir / latest)
         rank_state = load_rank_state(ckpt_dir / latest, rank)  # checked first: clearer error on a world-size change
         if rank_state.get("world_size", world) != world:
@@ -233,6 +277,44 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             except StopIteration:
                 raise RuntimeError("the batches iterable yielded no batch") from None
 
+    def step_batches(step: int) -> list:
+        """This step's micro batches. A data failure on any rank stops every rank at this step (one small
+        all-reduce per step when world_size > 1) with DataFaultError; no collective of the step has started yet."""
+        error = None
+        out = []
+        try:
+            for _ in range(n_micro):
+                out.append(next_batch())
+        except Exception as err:  # the data layer's own errors (skip limit, unusable source, I/O)
+            error = err
+        if world > 1:
+            flag = torch.tensor([1.0 if error is not None else 0.0], device=engine.device)
+            failed = all_reduce_(flag, "max").item() > 0
+        else:
+            failed = error is not None
+        if failed:
+            what = f"{type(error).__name__}: {error}" if error is not None else "a data error on another rank"
+            raise DataFaultError(f"data fault at step {step + 1} on rank {rank}: {what}. Training stopped; "
+                                 f"{last_good_checkpoint()}") from error
+        return out
+
+    def data_skips() -> dict | None:
+        """Skipped samples by reason, summed over ranks (collective: all ranks call it at the same point)."""
+        if not hasattr(batches, "skip_counts"):
+            return None
+        local = dict(batches.skip_counts())
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, local)
+            total: dict = {}
+            for counts in gathered:
+                for key, value in (counts or {}).items():
+                    total[key] = total.get(key, 0) + int(value)
+            return dict(sorted(total.items()))
+        return dict(sorted((k, int(v)) for k, v in local.items()))
+
     def checkpoint(step: int) -> Path:
         client_state = {"step": step, "config": config_snapshot, "world_size": world,
                         "param_group_names": param_group_names}
@@ -266,8 +348,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             step_values: dict[str, list] = {}
             counters = {k: 0.0 for k in COUNTERS}
             grad_norm = None
+            micro_batches = step_batches(step)
             for micro in range(n_micro):
-                batch = move_to_device(next_batch(), engine.device, float_dtype)
+                batch = move_to_device(micro_batches[micro], engine.device, float_dtype)
                 out = engine(batch)
                 loss, metrics = out if isinstance(out, (tuple, list)) else (out, {})
                 local_bad |= ~torch.isfinite(loss.detach()).all()
@@ -279,8 +362,12 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                     elif value is not None:
                         step_values.setdefault(key, []).append(value)
                 if micro == n_micro - 1:
-                    flag = local_bad.float().reshape(1)
-                    bad = all_reduce_(flag, "max").item() > 0  # all ranks agree on skipping (one sync per step)
+                    grad_bad = grad_check.take() if grad_check is not None else torch.zeros_like(local_bad)
+                    flags = torch.stack([local_bad, grad_bad]).float()
+                    flags = all_reduce_(flags, "max").cpu()  # all ranks agree on skipping (one sync per step)
+                    loss_bad, grads_bad = bool(flags[0] > 0), bool(flags[1] > 0)
+                    bad = loss_bad or grads_bad
+                    bad_what = "loss" if loss_bad else "gradient"
                     optimizer.skip_next_step = bad
                     if zero_stage == 0 and not bad:
                         grads = [p.grad.detach().float().norm() for p in engine.module.parameters()
@@ -295,14 +382,16 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                 interval.skipped += 1
                 skipped_total += 1
                 consecutive_bad += 1
-                record = {"step": step, "loss": float("nan"), "skipped": True, "nonfinite_in_a_row": consecutive_bad,
-                          "lr": lr, "timestamp": time.time()}
+                step_loss = float(torch.stack([v.float().mean() for v in step_values["loss"]]).mean())
+                record = {"step": step, "loss": step_loss if not loss_bad else float("nan"), "skipped": True,
+                          "nonfinite": bad_what, "nonfinite_in_a_row": consecutive_bad, "lr": lr,
+                          "timestamp": time.time()}
                 monitor.log(record)
-                monitor.message(f"[beit3.engine] step {step}: non-finite loss on some rank; step skipped "
+                monitor.message(f"[beit3.engine] step {step}: non-finite {bad_what} on some rank; step skipped "
                                 f"({consecutive_bad} in a row, limit {train_cfg.max_nonfinite_steps})")
                 if consecutive_bad >= train_cfg.max_nonfinite_steps:
                     raise NonFiniteLossError(
-                        f"the loss was non-finite (NaN/Inf) for {consecutive_bad} consecutive steps "
+                        f"the loss or its gradients were non-finite (NaN/Inf) for {consecutive_bad} consecutive steps "
                         f"(steps {step - consecutive_bad + 1}..{step}); training stopped "
                         f"(train.max_nonfinite_steps={train_cfg.max_nonfinite_steps}). {last_good_checkpoint()}. "
                         f"Check the data and consider a lower optim.lr, more warmup or a smaller clip_grad."
@@ -347,6 +436,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                 record["time"] = elapsed / max(interval.steps, 1)  # seconds per optimizer step
                 if interval.skipped:
                     record["skipped_steps"] = interval.skipped
+                skips = data_skips()
+                if skips is not None:
+                    record["data_skips"] = skips
                 record["timestamp"] = time.time()
                 monitor.log(record)
                 last_record = record
@@ -361,9 +453,18 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             if stop:
                 monitor.message(f"[beit3.engine] stop requested by a callback after step {step}")
                 break
+    except TrainingStopped as err:
+        monitor.message(f"[beit3.engine] training stopped at step {step}: {err}")
+        raise
     finally:
+        if grad_check is not None:
+            grad_check.remove()
         monitor.close()
 
+    skips = data_skips()
+    if skips:
+        monitor.message(f"[beit3.engine] data: {sum(skips.values())} samples skipped and replaced in this run "
+                        f"and before it ({', '.join(f'{k}: {v}' for k, v in skips.items())})")
     latest = read_latest(ckpt_dir)
     summary = {
         "step": step,
@@ -371,6 +472,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         "last_checkpoint": str(ckpt_dir / latest) if latest else None,
         "last_log": last_record,
         "skipped_steps": skipped_total,
+        "data_skips": skips,
         "checkpoints": [str(ckpt_dir / t) for _, t in list_tags(ckpt_dir)],
         "engine": engine,
     }

@@ -36,8 +36,7 @@ WEIGHTS_FILE = "model.safetensors"
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and keys."""
+from ..errors import CheckpointError  # noqa: E402  (re-exported: beit3.models.checkpoint.CheckpointError)
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:

@@ -1,0 +1,72 @@
+"""Start-up checks shared by the training tools: every failure is a one-line :class:`ConfigError` naming the config
+key and the path, raised before anything is written (the tools turn it into exit code 2)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from beit3.config import ConfigError
+
+
+def check_readable_file(path: str | Path, key: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key} '{path}' does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{key} '{path}' is not a file")
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise ConfigError(f"{key} '{path}' is not readable: {err}") from err
+    return path
+
+
+def check_source(spec: str, root: Path, key: str, allow_folder: bool = True) -> None:
+    """A data source spec (JSONL index, tar shards, or an image folder) exists and can be opened."""
+    from beit3.data.readers import expand_shards
+    from beit3.data.sources import _is_shard_spec
+
+    if spec.endswith(".jsonl"):
+        check_readable_file(root / spec, key)
+    elif _is_shard_spec(spec, root):
+        try:
+            for shard in expand_shards(spec, root):
+                check_readable_file(shard, key)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{key} '{spec}' under '{root}': {err}") from err
+    elif allow_folder:
+        if not (root / spec).is_dir():
+            raise ConfigError(f"{key} '{root / spec}' does not exist (expected a .jsonl index, tar shards or an "
+                              "image folder)")
+    else:
+        raise ConfigError(f"{key} '{spec}' under '{root}' is neither a .jsonl index nor tar shards")
+
+
+def check_data(data, streams=("image", "text", "pair")) -> None:
+    """``data.root`` and the source of every stream with a non-zero batch."""
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root '{root}' is not a directory (make one with tools/make_demo_data.py or "
+                          "tools/convert_dataset.py)")
+    if "image" in streams and data.image_batch:
+        check_source(data.image_source, root, "data.image_source")
+    if "pair" in streams and data.pair_batch:
+        check_source(data.pair_source, root, "data.pair_source", allow_folder=False)
+    if "text" in streams and data.text_batch:
+        if not data.text_sources:
+            raise ConfigError("data.text_sources is empty but data.text_batch > 0")
+        for i, spec in enumerate(data.text_sources):
+            check_readable_file(root / spec, f"data.text_sources[{i}]")
+
+
+def check_output_dir(path: str | Path) -> None:
+    """``output_dir`` exists or can be created, and a file can be written in it (the probe is removed again)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
