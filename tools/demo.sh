@@ -15,10 +15,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 OUT="${1:-runs/demo}"
 DEMO_IMAGES="${DEMO_IMAGES:-600}"
-TOKENIZER_STEPS="${TOKENIZER_STEPS:-150}"
-PRETRAIN_STEPS="${PRETRAIN_STEPS:-150}"
-FT_STEPS="${FT_STEPS:-150}"
-CAPTION_STEPS="${CAPTION_STEPS:-150}"
+TOKENIZER_STEPS="${TOKENIZER_STEPS:-80}"
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-120}"
+FT_STEPS="${FT_STEPS:-120}"
+CAPTION_STEPS="${CAPTION_STEPS:-120}"
 [ "${DEMO_FRESH:-0}" = "1" ] && rm -rf "$OUT"
 mkdir -p "$OUT/ft"
 DATA="$OUT/data"
@@ -47,7 +47,7 @@ data = json.load(open(path)); data[name] = secs; json.dump(data, open(path, "w")
 PYEOF
 }
 
-echo "[demo] output $OUT, python $PY, $( [ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s)" || echo "CPU ($(nproc) cores)" ), load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a)"
+echo "[demo] output $OUT, python $PY, $( [ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s)" || echo "CPU ($(getconf _NPROCESSORS_ONLN) cores)" ), load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a)"
 
 if [ ! -f "$DATA/manifest.json" ]; then
     # make_demo_data writes the corpus and trains beit3.spm itself; the explicit call below trains the same text
@@ -61,7 +61,8 @@ fi
 if [ ! -f "$OUT/tokenizer/tokenizer_eval.json" ]; then
     stage "visual tokenizer (VQ-KD, $TOKENIZER_STEPS steps)" env OMP_NUM_THREADS=2 "$PY" tools/train_tokenizer.py \
         --config configs/tokenizer/demo.yaml --set data.root="$DATA" --set output_dir="$OUT/tokenizer" \
-        --set train.steps="$TOKENIZER_STEPS" --set train.save_every="$TOKENIZER_STEPS"
+        --set train.steps="$TOKENIZER_STEPS" --set train.save_every="$TOKENIZER_STEPS" --set data.image_batch=32 \
+        --set optim.warmup_steps=10
 fi
 
 if [ ! -f "$OUT/pretrained/beit3_pretrained.pth" ]; then
