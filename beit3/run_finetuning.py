@@ -48,8 +48,9 @@ class FinetuneModelConfig:
 @dataclass
 class FinetuneDataConfig:
     """Index files under ``root`` (empty: the task's official names), the text tokenizer (default ``root/beit3.spm``),
-    per-rank batch size, image size (0: the model's), RandAugment, max text length (0: 64, captioning 32) and
-    captioning references per split (merged over ``coco_karpathy_{val,test}_gt.json``)."""
+    per-rank batch size, image size (0: the model's), RandAugment, the training crop scale and horizontal flip (the
+    official recipe: 0.5 and on; off for data whose text speaks of left and right, like the demo's), max text length
+    (0: 64, captioning 32) and captioning references per split (merged over ``coco_karpathy_{val,test}_gt.json``)."""
 
     root: str = "data"
     train_index: list[str] = field(default_factory=list)
@@ -60,6 +61,8 @@ class FinetuneDataConfig:
     batch_size: int = 32
     image_size: int = 0
     randaug: bool = False
+    min_crop_scale: float = 0.5
+    hflip: bool = True
     max_text_len: int = 0
     num_workers: int = 2
 
@@ -68,6 +71,8 @@ class FinetuneDataConfig:
             raise ValueError("data.batch_size must be >= 1 and data.num_workers, data.image_size >= 0")
         if self.max_text_len and self.max_text_len < 3:
             raise ValueError(f"data.max_text_len must be 0 or >= 3, got {self.max_text_len}")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f"data.min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
 
 
 @dataclass
@@ -163,6 +168,7 @@ def build_context(cfg: FinetuneConfig, image_size: int) -> TaskContext:
     return TaskContext(
         root=Path(cfg.data.root), tokenizer=TextTokenizer.from_file(_tokenizer_path(cfg)), image_size=image_size,
         max_text_len=cfg.data.max_text_len or task.max_text_len, randaug=cfg.data.randaug,
+        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip,
         options=getattr(cfg.options, section) if section else None, num_beams=cfg.eval.num_beams,
         length_penalty=cfg.eval.length_penalty, max_caption_len=cfg.eval.max_len,
         caption_backend=cfg.eval.caption_backend, references={**task.references, **cfg.data.references},

@@ -3,9 +3,5 @@
 # Extra arguments go to pytest (e.g. `bash tools/test.sh -k backbone -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
-exec .venv/bin/python -m pytest "$@"
+source tools/_venv.sh
+exec "$PY" -m pytest "$@"

@@ -129,26 +129,42 @@ def _plural(word: str, n: int) -> str:
     return word if n == 1 else word + "s"
 
 
+_TEXTURE_WORDS = {"plain": "plain", "stripes": "striped", "dots": "dotted", "checks": "checkered"}
+
+
+def _where(obj: SceneObject) -> str:
+    """Coarse position of ``obj`` in a 3 x 3 grid: "top left", "top", ..., "in the middle", ..., "bottom right"."""
+    row = "top" if obj.y < 0.36 else ("bottom" if obj.y > 0.64 else "")
+    col = "left" if obj.x < 0.36 else ("right" if obj.x > 0.64 else "")
+    if not row and not col:
+        return "in the middle"
+    return "on the " + " ".join(w for w in (row, col) if w)
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def captions(scene: Scene, rng: random.Random, count: int) -> list[str]:
-    """``count`` different sentences about objects, colours, counts and spatial relations of ``scene``."""
-    objs = scene.objects
+    """``count`` different sentences, each naming every object of ``scene`` (colour and shape, listed left to right),
+    with positions, spatial relations, the count or the background in different templates.
+
+    Every caption describes the whole scene, so a caption identifies its image among others (retrieval is learnable)
+    and the listing order is a function of the image (captioning is learnable)."""
+    objs = sorted(scene.objects, key=lambda o: o.x)
     n = len(objs)
-    listing = " and ".join(f"a {o.name}" for o in objs)
+    names = [f"a {o.name}" for o in objs]
     options = [
-        f"{listing}",
-        f"there {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {_plural('shape', n)} in the picture",
-        f"an image of {listing} on a {scene.texture} background",
+        _join(names),
+        f"{NUMBER_WORDS[n]} {_plural('shape', n)} : {_join(names)}",
+        f"{_join([f'{name} {_where(o)}' for name, o in zip(names, objs)])}",
+        f"an image of {_join(names)} on a {_TEXTURE_WORDS[scene.texture]} background",
     ]
-    for colour in sorted({o.colour for o in objs}):
-        k = sum(o.colour == colour for o in objs)
-        options.append(f"{NUMBER_WORDS[k]} {colour} {_plural('object', k)}")
-    for shape in sorted({o.shape for o in objs}):
-        k = sum(o.shape == shape for o in objs)
-        options.append(f"the picture shows {NUMBER_WORDS[k]} {_plural(shape, k)}")
-    for a in objs:
-        for b in objs:
-            if a is not b:
-                options.append(f"a {a.name} {_relation(a, b)} a {b.name}")
+    if n == 1:
+        options.append(f"a picture with only {names[0]} {_where(objs[0])}")
+    else:
+        rest = f" and {_join(names[2:])}" if n > 2 else ""
+        options.append(f"{names[0]} {_relation(objs[0], objs[1])} {names[1]}{rest}")
     rng.shuffle(options)
     return [options[i % len(options)] for i in range(count)]
 

@@ -81,12 +81,18 @@ class TwoViewTransform:
 
 
 def build_finetune_transform(image_size: int, train: bool, randaug: bool = False,
-                             mean: Sequence[float] = BEIT3_MEAN, std: Sequence[float] = BEIT3_STD) -> Callable:
-    """Fine-tuning transform. Train: RandomResizedCrop (scale 0.5-1, bicubic), flip, optional RandAugment(2, 9).
+                             mean: Sequence[float] = BEIT3_MEAN, std: Sequence[float] = BEIT3_STD,
+                             min_crop_scale: float = 0.5, hflip: bool = True) -> Callable:
+    """Fine-tuning transform. Train: RandomResizedCrop (scale ``min_crop_scale``-1, bicubic; a plain resize when
+    ``min_crop_scale`` is 1), horizontal flip unless ``hflip=False``, optional RandAugment(2, 9).
     Eval: bicubic resize to ``image_size`` x ``image_size`` (as the official vision-language tasks)."""
     if train:
-        steps = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
-                 T.RandomHorizontalFlip()]
+        if min_crop_scale >= 1.0:
+            steps = [T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)]
+        else:
+            steps = [T.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), interpolation=InterpolationMode.BICUBIC)]
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
         if randaug:
             steps.append(T.RandAugment(num_ops=2, magnitude=9))
     else:

@@ -30,6 +30,8 @@ class TaskContext:
     max_text_len: int
     randaug: bool = False
     options: Any = None
+    min_crop_scale: float = 0.5
+    hflip: bool = True
     num_beams: int = 3
     length_penalty: float = 0.6
     max_caption_len: int = 32
@@ -37,7 +39,8 @@ class TaskContext:
     references: dict[str, str] = field(default_factory=dict)  # split -> reference file (captioning)
 
     def transform(self, train: bool) -> Callable:
-        return build_finetune_transform(self.image_size, train, self.randaug and train)
+        return build_finetune_transform(self.image_size, train, self.randaug and train,
+                                        min_crop_scale=self.min_crop_scale, hflip=self.hflip)
 
     def text(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``([bos] + ids + [eos]`` padded to ``max_text_len``, padding mask) of one text segment."""

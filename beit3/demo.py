@@ -1,0 +1,222 @@
+"""The demo report (``tools/demo.sh`` → ``tools/demo_report.py``): results table of the fine-tuning runs from scratch
+and from the demo-pretrained model next to chance / trivial baselines, plus plots.
+
+Layout read under the demo run folder (``runs/demo``)::
+
+    data/                         tools/make_demo_data.py output (indexes, images, beit3.spm)
+    tokenizer/codebook_usage.png  tools/train_tokenizer.py
+    pretrain/log.jsonl            tools/pretrain.py
+    ft/<task>_<init>/             tools/finetune.py, init in {scratch, pretrained}: metrics.json, log.jsonl, best/
+
+Written: ``results.json``, ``results.md``, ``pretrain_loss.png``, ``finetune_loss.png``, ``retrieval_examples.png``,
+``caption_examples.png``.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from beit3.plots import image_grid, plot_logs, read_log
+
+PathLike = str | Path
+INITS = ("scratch", "pretrained")
+# (row name, fine-tuning run, metric key in metrics.json, baseline kind)
+ROWS = (
+    ("retrieval R@1 text→image (%)", "retrieval", "ir_r1", "retrieval_r1"),
+    ("retrieval R@1 image→text (%)", "retrieval", "tr_r1", "retrieval_tr_r1"),
+    ("VQA accuracy (VQA score, %)", "vqav2", "vqa_score", "vqa_majority"),
+    ("captioning CIDEr", "captioning", "CIDEr", "caption_constant"),
+)
+PRETRAIN_KEYS = ("loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_metrics(run: Path, which: str = "final") -> Optional[dict]:
+    """``metrics.json`` of a fine-tuning run: the ``final`` (last step) or ``best`` evaluation's metrics."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    entry = data.get(which) or {}
+    return {**entry.get("metrics", {}), "_split": entry.get("split"), "_step": entry.get("step")}
+
+
+def vqa_majority_score(data_root: PathLike, split: str = "val") -> float:
+    """VQA score (%) of always answering the most frequent top training answer."""
+    root = Path(data_root)
+    top = Counter(max(zip(i["scores"], i["labels"]))[1] for i in _read_jsonl(root / "vqa.train.jsonl") if i["labels"])
+    label = top.most_common(1)[0][0]
+    items = _read_jsonl(root / f"vqa.{split}.jsonl")
+    return 100.0 * sum(dict(zip(i["labels"], i["scores"])).get(label, 0.0) for i in items) / max(1, len(items))
+
+
+def caption_constant_cider(data_root: PathLike, split: str = "val") -> float:
+    """CIDEr of giving every image the most frequent training caption (a language-only baseline)."""
+    from beit3.finetune.captioning import read_references
+    from beit3.metrics import caption_scores
+
+    root = Path(data_root)
+    caps = Counter(c for r in _read_jsonl(root / "captions.jsonl") if r["split"] == "train" for c in r["captions"])
+    constant = caps.most_common(1)[0][0]
+    refs = read_references(root / f"coco_karpathy_{split}_gt.json")
+    return float(caption_scores({k: constant for k in refs}, refs, backend="python")["CIDEr"])
+
+
+def baselines(data_root: PathLike, split: str = "val") -> dict[str, float]:
+    """Chance / trivial baselines on ``split``: retrieval R@1 of a random ranking (text→image: 1 / images;
+    image→text: the image's captions / all texts, also 1 / images), VQA majority answer, captioning constant caption."""
+    out: dict[str, float] = {}
+    root = Path(data_root)
+    items = _read_jsonl(root / f"coco_retrieval.{split}.jsonl") if (root / f"coco_retrieval.{split}.jsonl").is_file() else []
+    if items:
+        num_images = len({i["image_id"] for i in items})
+        out["retrieval_r1"] = 100.0 / num_images
+        out["retrieval_tr_r1"] = 100.0 / num_images
+    if (root / "vqa.train.jsonl").is_file():
+        out["vqa_majority"] = vqa_majority_score(root, split)
+    if (root / "captions.jsonl").is_file() and (root / f"coco_karpathy_{split}_gt.json").is_file():
+        out["caption_constant"] = caption_constant_cider(root, split)
+    return out
+
+
+def results_table(run_dir: PathLike, data_root: Optional[PathLike] = None, which: str = "final") -> dict:
+    """Rows ``{task, metric, scratch, pretrained, baseline, baseline_kind}`` from ``run_dir/ft/<task>_<init>``."""
+    run_dir = Path(run_dir)
+    data_root = Path(data_root) if data_root else run_dir / "data"
+    metrics = {f"{task}_{init}": run_metrics(run_dir / "ft" / f"{task}_{init}", which)
+               for _, task, _, _ in ROWS for init in INITS}
+    base = baselines(data_root)
+    rows = []
+    for name, task, key, kind in ROWS:
+        row = {"task": task, "metric": name, "key": key, "baseline": base.get(kind), "baseline_kind": kind}
+        for init in INITS:
+            m = metrics[f"{task}_{init}"]
+            row[init] = None if m is None or key not in m else float(m[key])
+            row[f"{init}_step"] = None if m is None else m.get("_step")
+        rows.append(row)
+    return {"which": which, "split": "val", "rows": rows}
+
+
+_BASELINE_NAMES = {"retrieval_r1": "chance (1 / images)", "retrieval_tr_r1": "chance (captions / texts)",
+                   "vqa_majority": "majority answer", "caption_constant": "most frequent caption"}
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(table: dict, extra: str = "") -> str:
+    lines = ["| task | metric | scratch | pretrained | chance / baseline |", "|---|---|---|---|---|"]
+    for r in table["rows"]:
+        digits = 3 if r["key"] == "CIDEr" else 1
+        base = f"{_fmt(r['baseline'], digits)} ({_BASELINE_NAMES.get(r['baseline_kind'], r['baseline_kind'])})"
+        lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['scratch'], digits)} | {_fmt(r['pretrained'], digits)} "
+                     f"| {base} |")
+    return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
+
+
+def retrieval_examples(model_dir: PathLike, data_root: PathLike, out: PathLike, num_queries: int = 6,
+                       top_k: int = 3, split: str = "val") -> Path:
+    """PNG grid: query captions of the held-out split and the top-k images the retrieval model ranks for them (green
+    frame: the query's own image)."""
+    import torch
+    from PIL import Image
+
+    from beit3.data.transforms import build_finetune_transform
+    from beit3.models import from_pretrained
+    from beit3.text import TextTokenizer
+
+    root = Path(data_root)
+    model = from_pretrained(model_dir).eval()
+    tok = TextTokenizer.from_file(root / "beit3.spm")
+    items = _read_jsonl(root / f"coco_retrieval.{split}.jsonl")
+    paths = {}
+    for it in items:
+        paths.setdefault(it["image_id"], it["image_path"])
+    ids = list(paths)
+    pil = [Image.open(root / paths[i]).convert("RGB") for i in ids]
+    transform = build_finetune_transform(model.config.img_size, train=False)
+    step = max(1, len(ids) // num_queries)
+    queries = [next(it for it in items if it["image_id"] == ids[k]) for k in range(0, len(ids), step)][:num_queries]
+    tokens, pads = tok.pad_ids([q["text_segment"] for q in queries], 64)
+    with torch.no_grad():
+        image_feats = torch.cat([model.encode_image(torch.stack([transform(p) for p in pil[s:s + 64]]))
+                                 for s in range(0, len(pil), 64)])
+        text_feats = model.encode_text(tokens, pads)
+    rank = (text_feats @ image_feats.T).topk(min(top_k, len(ids)), dim=1).indices
+    rows = [{"text": tok.decode(q["text_segment"]), "images": [pil[j] for j in rank[n].tolist()],
+             "marks": [ids[j] == q["image_id"] for j in rank[n].tolist()]} for n, q in enumerate(queries)]
+    return image_grid(rows, out, title=f"text→image retrieval, {split} split ({len(ids)} images): top-{top_k}")
+
+
+def caption_examples(run: PathLike, data_root: PathLike, out: PathLike, num_images: int = 8, split: str = "val") -> Path:
+    """PNG grid: held-out images with the caption the captioning run generated (its ``best/`` predictions) and one
+    reference caption."""
+    from PIL import Image
+
+    from beit3.finetune.captioning import read_references
+
+    root = Path(data_root)
+    results = json.loads((Path(run) / "best" / f"caption_results_{split}.json").read_text())
+    refs = read_references(root / f"coco_karpathy_{split}_gt.json")
+    files = {im["id"]: im["file_name"] for im in json.loads((root / f"coco_karpathy_{split}_gt.json").read_text())["images"]}
+    rows = []
+    for r in results[:num_images]:
+        image = Image.open(root / files[r["image_id"]]).convert("RGB")
+        rows.append({"text": f"generated: {r['caption']}\nreference: {refs[r['image_id']][0]}", "images": [image]})
+    return image_grid(rows, out, title=f"generated captions, {split} split", image_px=1.2)
+
+
+def summarize(run_dir: PathLike, data_root: Optional[PathLike] = None, which: str = "final", plots: bool = True,
+              timings: Optional[dict] = None) -> dict:
+    """Write ``results.json`` + ``results.md`` (and, with ``plots``, the PNGs) into ``run_dir``; returns the results.
+
+    ``which``: the ``final`` (last step, the default: no selection on the evaluated split) or ``best`` evaluation.
+    ``timings``: optional ``{stage: seconds}`` recorded in the results."""
+    run_dir = Path(run_dir)
+    data_root = Path(data_root) if data_root else run_dir / "data"
+    table = results_table(run_dir, data_root, which)
+    files: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    if plots:
+        def attempt(name: str, fn):
+            try:
+                files[name] = str(fn())
+            except (OSError, ValueError, KeyError, StopIteration, RuntimeError) as err:
+                errors[name] = f"{type(err).__name__}: {err}"
+
+        pre = run_dir / "pretrain" / "log.jsonl"
+        if pre.is_file():
+            attempt("pretrain_loss", lambda: plot_logs([pre], run_dir / "pretrain_loss.png", keys=PRETRAIN_KEYS,
+                                                       labels=["pretraining (masked data modeling) per stream"]))
+        ft_logs = [(f"{t}_{i}", run_dir / "ft" / f"{t}_{i}" / "log.jsonl") for t in ("retrieval", "vqav2", "captioning")
+                   for i in INITS]
+        ft_logs = [(n, p) for n, p in ft_logs if p.is_file()]
+        if ft_logs:
+            attempt("finetune_loss", lambda: plot_logs([p for _, p in ft_logs], run_dir / "finetune_loss.png",
+                                                       keys=["loss"], labels=[n for n, _ in ft_logs]))
+        best = run_dir / "ft" / "retrieval_pretrained" / "best"
+        if best.is_dir():
+            attempt("retrieval_examples", lambda: retrieval_examples(best, data_root, run_dir / "retrieval_examples.png"))
+        cap = run_dir / "ft" / "captioning_pretrained"
+        if (cap / "best").is_dir():
+            attempt("caption_examples", lambda: caption_examples(cap, data_root, run_dir / "caption_examples.png"))
+        hist = run_dir / "tokenizer" / "codebook_usage.png"
+        if hist.is_file():
+            files["codebook_usage"] = str(hist)
+    pre_log = read_log(run_dir / "pretrain" / "log.jsonl") if (run_dir / "pretrain" / "log.jsonl").is_file() else []
+    result = {**table, "files": files, "plot_errors": errors, "timings": timings or {},
+              "pretrain_last": pre_log[-1] if pre_log else None}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    extra = [f"Held-out {table['split']} split of the demo data; {which} evaluation of each fine-tuning run."]
+    if timings:
+        extra.append("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    if files:
+        extra.append("Plots: " + ", ".join(f"`{Path(f).name}`" for f in files.values()))
+    (run_dir / "results.md").write_text(markdown(table, "\n\n".join(extra)))
+    return result

@@ -1,0 +1,106 @@
+"""The demo report (beit3.demo.summarize, tools/demo_report.py) and the log plots (beit3.plots, tools/plot_logs.py) on
+a fabricated demo run folder: seconds, no training."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import beit3
+from beit3.data.readers import read_jsonl
+from beit3.demo import ROWS, caption_constant_cider, summarize, vqa_majority_score
+from beit3.plots import image_grid, loss_keys, plot_logs, read_log
+from data_fixtures import demo_root  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG"
+
+
+def _write_log(path: Path, keys: list[str], steps: int = 5) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": s, **{k: 5.0 / s + i for i, k in enumerate(keys)}, "lr": 1e-3}) for s in range(1, steps + 1)]
+    path.write_text("\n".join(lines[:2] + ["", "not json"] + lines[2:]) + "\n")
+    return path
+
+
+def _metrics(run: Path, task: str, values: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    final = {"step": 10, "split": "val", "metrics": values}
+    (run / "metrics.json").write_text(json.dumps({"task": task, "final": final, "best": final}))
+
+
+@pytest.fixture()
+def demo_run(tmp_path, demo_root):  # noqa: F811
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").symlink_to(demo_root)
+    _write_log(run / "pretrain" / "log.jsonl", ["loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text"])
+    for init, bump in (("scratch", 0.0), ("pretrained", 10.0)):
+        _metrics(run / "ft" / f"retrieval_{init}", "coco_retrieval", {"ir_r1": 5.0 + bump, "tr_r1": 6.0 + bump})
+        _metrics(run / "ft" / f"vqav2_{init}", "vqav2", {"vqa_score": 40.0 + bump})
+        _metrics(run / "ft" / f"captioning_{init}", "coco_captioning", {"CIDEr": 0.1 + bump / 10})
+        for task in ("retrieval", "vqav2", "captioning"):
+            _write_log(run / "ft" / f"{task}_{init}" / "log.jsonl", ["loss"])
+    # a (random) retrieval model as the best checkpoint, and generated captions
+    torch.manual_seed(0)
+    model = beit3.create_model("beit3_tiny_patch8_32_retrieval", vocab_size=1000)
+    beit3.save_pretrained(model, run / "ft" / "retrieval_pretrained" / "best")
+    val = read_jsonl(demo_root / "coco_captioning.val.jsonl")
+    best = run / "ft" / "captioning_pretrained" / "best"
+    best.mkdir(parents=True)
+    (best / "caption_results_val.json").write_text(json.dumps([{"image_id": i["image_id"], "caption": "a red circle"}
+                                                               for i in val]))
+    return run
+
+
+def test_summarize_table_baselines_and_plots(demo_run, demo_root):  # noqa: F811
+    result = summarize(demo_run, timings={"pretraining": 12.0})
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {key for _, _, key, _ in ROWS}
+    assert rows["ir_r1"]["scratch"] == 5.0 and rows["ir_r1"]["pretrained"] == 15.0
+    num_val_images = len({i["image_id"] for i in read_jsonl(demo_root / "coco_retrieval.val.jsonl")})
+    assert rows["ir_r1"]["baseline"] == pytest.approx(100.0 / num_val_images)
+    assert 0.0 < rows["vqa_score"]["baseline"] < 100.0
+    assert rows["vqa_score"]["baseline"] == pytest.approx(vqa_majority_score(demo_root))
+    assert rows["CIDEr"]["baseline"] == pytest.approx(caption_constant_cider(demo_root)) and rows["CIDEr"]["baseline"] >= 0
+    assert result["plot_errors"] == {}
+    for name in ("pretrain_loss", "finetune_loss", "retrieval_examples", "caption_examples"):
+        assert Path(result["files"][name]).read_bytes()[:4] == PNG, name
+    md = (demo_run / "results.md").read_text()
+    assert "| retrieval | retrieval R@1 text→image (%) | 5.0 | 15.0 |" in md and "pretraining 12" in md
+    saved = json.loads((demo_run / "results.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["timings"] == {"pretraining": 12.0}
+
+
+def test_summarize_missing_runs_and_no_plots(tmp_path, demo_root):  # noqa: F811
+    result = summarize(tmp_path, data_root=demo_root, plots=False)
+    assert all(r["scratch"] is None and r["pretrained"] is None for r in result["rows"])
+    assert "—" in (tmp_path / "results.md").read_text() and result["files"] == {}
+
+
+def test_plot_logs_and_grid(tmp_path):
+    log = _write_log(tmp_path / "a" / "log.jsonl", ["loss", "loss_text", "loss_image"])
+    records = read_log(log)
+    assert len(records) == 5 and loss_keys(records) == ["loss", "loss_image", "loss_text"]
+    assert plot_logs([log, log], tmp_path / "p.png", labels=["x", "y"], log_y=True).read_bytes()[:4] == PNG
+    assert plot_logs([log], tmp_path / "q.png", keys=["missing"]).is_file()  # an empty panel, no error
+    with pytest.raises(ValueError):
+        plot_logs([], tmp_path / "r.png")
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    out = image_grid([{"text": "a long caption " * 6, "images": [image, image], "marks": [True, False]},
+                      {"text": "b", "images": [image], "captions": ["c"]}], tmp_path / "g.png", title="t")
+    assert out.read_bytes()[:4] == PNG
+
+
+def test_command_line_tools(demo_run):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = demo_run / "cli.png"
+    subprocess.run([sys.executable, str(REPO / "tools" / "plot_logs.py"), str(demo_run / "pretrain" / "log.jsonl"),
+                    "--out", str(out)], check=True, env=env, capture_output=True)
+    assert out.read_bytes()[:4] == PNG
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "demo_report.py"), "--run", str(demo_run),
+                           "--no-plots"], check=True, env=env, capture_output=True, text=True)
+    assert "| vqav2 |" in done.stdout and (demo_run / "results.json").is_file()
