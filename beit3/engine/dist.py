@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import socket
 
@@ -34,8 +35,17 @@ def init_distributed() -> None:
 
     _skip_cpu_shm_comm_build()
     deepspeed.init_distributed(verbose=False)
+    atexit.register(_destroy_process_group)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _destroy_process_group() -> None:
+    """Tear the process group down before interpreter exit: left to static destructors, gloo's worker threads are
+    sometimes destroyed while joinable, and the process aborts ("terminate called without an active exception")
+    after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # local, no collective: a rank that failed alone still exits promptly
 
 
 def _skip_cpu_shm_comm_build() -> None:
