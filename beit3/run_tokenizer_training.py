@@ -21,7 +21,6 @@ from tokenizer import VQKD, load_tokenizer, save_tokenizer
 from tokenizer.precomputed import eval_transform, load_precomputed_codes, read_jsonl_index, tokenize_images
 from tokenizer.teachers import FrozenTeacher
 from tokenizer.train import (
-    NO_DECAY_SUFFIXES,
     TokenizerObjectiveConfig,
     VQKDObjective,
     build_tokenizer_objective,
@@ -77,7 +76,7 @@ class TokenizerTraining(nn.Module):
         self.objective = objective
 
     def no_weight_decay(self) -> set[str]:
-        return {name for name, _ in self.named_parameters() if name.endswith(NO_DECAY_SUFFIXES)}
+        return {f"objective.{name}" for name in self.objective.no_weight_decay()}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images = batch["image"]["tokenizer_image"]

@@ -4,7 +4,8 @@ import torch
 from shape_images import shape_images
 
 from beit3.config import from_dict
-from tokenizer.train import TokenizerObjectiveConfig, build_tokenizer_objective, code_informativeness, param_groups
+from beit3.engine import OptimConfig, param_groups
+from tokenizer.train import TokenizerObjectiveConfig, build_tokenizer_objective, code_informativeness
 
 
 def tiny_objective(teacher: dict, **model):
@@ -30,7 +31,7 @@ def test_decoder_that_ignores_codes_has_zero_gap():
 
 
 def train(objective, images, steps, lr=2e-3, batch=16):
-    optimizer = torch.optim.AdamW(param_groups(objective, 1e-4), lr=lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(param_groups(objective, OptimConfig(lr=lr, weight_decay=1e-4)), lr=lr, betas=(0.9, 0.99))
     for step in range(steps):
         loss, _ = objective(images[(step * batch) % len(images):][:batch])
         optimizer.zero_grad()

@@ -4,8 +4,8 @@ import torch
 from shape_images import shape_images
 
 from beit3.config import ConfigError, from_dict
-from tokenizer.train import (CodeUsageTracker, TokenizerObjectiveConfig, build_tokenizer_objective, param_groups,
-                             save_usage_histogram)
+from beit3.engine import OptimConfig, param_groups
+from tokenizer.train import CodeUsageTracker, TokenizerObjectiveConfig, build_tokenizer_objective, save_usage_histogram
 
 
 def tiny_objective_config(**model) -> TokenizerObjectiveConfig:
@@ -28,7 +28,10 @@ def test_config_resolution_and_errors():
 
 def test_param_groups_exclude_norms_biases_tokens_and_codebook():
     objective = build_tokenizer_objective(tiny_objective_config())
-    decay, no_decay = param_groups(objective, weight_decay=1e-4)
+    groups = param_groups(objective, OptimConfig(weight_decay=1e-4))
+    decay = next(g for g in groups if g["weight_decay"] > 0)
+    no_decay = next(g for g in groups if g["weight_decay"] == 0)
+    assert len(groups) == 2
     names = {id(p): n for n, p in objective.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -55,7 +58,7 @@ def test_usage_tracker_window_and_histogram(tmp_path):
 def test_short_training_loop_learns_without_collapse():
     torch.manual_seed(0)
     objective = build_tokenizer_objective(tiny_objective_config(codebook_size=64, restart_after_steps=5))
-    optimizer = torch.optim.AdamW(param_groups(objective, 1e-4), lr=2e-3, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(param_groups(objective, OptimConfig(lr=2e-3, weight_decay=1e-4)), lr=2e-3, betas=(0.9, 0.99))
     images = shape_images(64, 32, seed=1)
     history = []
     for step in range(30):

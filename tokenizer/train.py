@@ -9,7 +9,7 @@
 * ``code_informativeness(tokenizer, images, teacher)``: held-out reconstruction loss with each image's own codes vs.
   codes shuffled across images. Usage alone does not show that codes mean anything: a decoder that ignores its input
   and predicts the mean target gets the same loss either way (relative gap 0) while usage can still be ~100%.
-* ``param_groups(model, weight_decay)``: AdamW groups, no decay on ndim<=1 tensors, biases, cls_token, pos_embed and
+* ``VQKDObjective.no_weight_decay()``: names exempt from weight decay besides 1-D tensors and biases: cls_token, pos_embed and
   the codebook (the official ``no_weight_decay`` set).
 """
 from __future__ import annotations
@@ -121,6 +121,10 @@ class VQKDObjective(nn.Module):
         self.usage = CodeUsageTracker(tokenizer.config.codebook_size, usage_window)
         self.last_codes: torch.Tensor | None = None
 
+    def no_weight_decay(self) -> set[str]:
+        """Trainable names exempt from weight decay besides 1-D tensors and biases (official ``no_weight_decay``)."""
+        return {name for name, _ in self.named_parameters() if name.endswith(NO_DECAY_SUFFIXES)}
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.tokenizer(images)
         target = self.teacher(images)
@@ -149,17 +153,6 @@ def build_tokenizer_objective(cfg: TokenizerObjectiveConfig) -> VQKDObjective:
                           f"{model_cfg.num_patches} ({model_cfg.img_size}px / patch {model_cfg.patch_size}); "
                           "set teacher.model_kwargs.img_size or the tokenizer's img_size/patch_size to match")
     return VQKDObjective(VQKD(model_cfg), teacher, cfg.usage_window)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: trainable parameters, no decay for ndim<=1, biases and ``NO_DECAY_SUFFIXES``."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or name.endswith(".bias") or name.endswith(NO_DECAY_SUFFIXES)
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str = "codebook usage") -> Path:
