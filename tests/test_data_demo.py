@@ -117,3 +117,13 @@ def test_measure_loading_writes_json(demo_root, tmp_path):
     result = measure_loading(demo_root, num_images=8, image_size=16, tokenizer_image_size=8, out_json=tmp_path / "b.json")
     assert result["images_per_s_per_worker"] > 0 and result["num_images"] == 8
     assert json.loads((tmp_path / "b.json").read_text()) == result
+
+
+def test_text_tokenizer_keeps_words_whole(demo_root):
+    # trained on the templated corpus alone, SentencePiece spelled colour words out (b-l-u-e); words.txt prevents it
+    tok = TextTokenizer.from_file(demo_root / "beit3.spm")
+    words = (demo_root / "words.txt").read_text().split()
+    assert {"blue", "purple", "star", "what", ","} <= set(words)
+    for word in ("blue", "purple", "yellow", "triangle", "what", "left"):
+        assert len(tok.encode(word)) == 1, (word, tok.encode(word))
+    assert tok.vocab_size < 200

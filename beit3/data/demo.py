@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -69,8 +70,19 @@ Every file below is in the official BEiT-3 index layout, image paths relative to
 - nlvr2.{train,dev,test-P}.index.jsonl       two images + statement, label 1/0
 - imagenet/{train,val}/CLASS/*.jpg + imagenet.{train,val}.index.jsonl   classes = shape of the large object
 - corpus.txt, beit3.spm                      text corpus (one sentence per line) and SentencePiece model
+- words.txt                                  the corpus's distinct words, one per line (second input of beit3.spm)
 - shards/NNNNN.tar (+ _stats.json)           WebDataset image-text pairs (key.jpg, key.txt, key.json)
 """
+
+
+def corpus_words(sentences: list[str]) -> list[str]:
+    """The distinct words and punctuation marks of ``sentences``, sorted.
+
+    Trained on the templated demo corpus alone, SentencePiece's unigram model spells common words out ("blue" ->
+    b·l·u·e, 88 pieces for vocab_size 1000): its seed pieces are maximal repeated substrings, and a word that is
+    always followed by the same character (every colour precedes " " and a shape) is never maximal. Each word on a
+    line of its own ends a sentence once, which makes it a seed piece (99 pieces, one per word)."""
+    return sorted({w for s in sentences for w in re.findall(r"\w+|[^\w\s]", s)})
 
 
 def make_demo_data(out: str | Path, num_images: int = 400, image_size: int = 64, seed: int = 0,
@@ -108,7 +120,8 @@ def make_demo_data(out: str | Path, num_images: int = 400, image_size: int = 64,
     corpus = ([c for r in records for c in r["captions"]] + [s[2] for split in SPLITS for s in statements[split]]
               + [q for _, q, _ in vqa])
     (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
-    spm_path = train_text_tokenizer([out / "corpus.txt"], out / "beit3", vocab_size)
+    (out / "words.txt").write_text("\n".join(corpus_words(corpus)) + "\n")
+    spm_path = train_text_tokenizer([out / "corpus.txt", out / "words.txt"], out / "beit3", vocab_size)
     spm_path.replace(out / "beit3.spm")
     (out / "beit3.vocab").unlink()
     tok = TextTokenizer.from_file(out / "beit3.spm")
