@@ -26,6 +26,21 @@ def test_hog_sees_edge_orientation_per_patch():
         HOGTeacher(patch_size=6, cells_per_side=4)
 
 
+def test_hog_colour_term_is_the_patch_mean_colour():
+    image = torch.rand(2, 3, 16, 16)
+    plain = HOGTeacher(8, 9, 1, center=True)(image)
+    teacher = HOGTeacher(8, 9, 1, center=True, colour_weight=2.0)
+    features = teacher(image)
+    assert teacher.feature_dim == 30 and features.shape == (2, 4, 30)
+    assert torch.equal(features[..., :27], plain)  # HOG part unchanged (centred before the colour is appended)
+    top_right = image[1, :, :8, 8:].mean(dim=(1, 2))  # patch 1 of image 1, row-major
+    assert torch.allclose(features[1, 1, 27:], 2.0 * (top_right - 0.5), atol=1e-6)
+    cfg = TeacherConfig(kind="hog", hog_cells_per_side=1, hog_colour_weight=1.0)
+    assert build_teacher(cfg, patch_size=8).feature_dim == 30
+    with pytest.raises(ConfigError, match="hog_colour_weight"):
+        HOGTeacher(8, colour_weight=-1.0)
+
+
 def test_pixel_teacher_normalises_each_patch():
     features = PixelTeacher(patch_size=4)(torch.rand(2, 3, 16, 16))
     assert features.shape == (2, 16, 48)

@@ -12,7 +12,8 @@ Every teacher takes ``[B,3,S,S]`` images in [0,1], runs without gradients and st
   A positive ``hog_norm_floor`` divides each cell by ``max(norm, floor)`` instead, so nearly flat cells (weak
   gradients, quantisation noise) stay small instead of being blown up to unit length. Two further options, both off
   by default (plain MaskFeat HOG): ``hog_smooth_sigma`` blurs the image with a Gaussian before the Sobel gradients
-  (suppresses pixel noise), ``hog_center`` subtracts each patch's mean from its feature vector (see ``HOGTeacher``).
+  (suppresses pixel noise), ``hog_center`` subtracts each patch's mean from its feature vector (see ``HOGTeacher``);
+  ``hog_colour_weight > 0`` appends the patch's mean colour (3 more values).
 * ``pixels``: the patch's pixels normalised by the patch mean and standard deviation (MAE ``norm_pix_loss``).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ class TeacherConfig:
     hog_norm_floor: float = 0.0  # hog: cell histograms are divided by max(norm, floor); 0 = MaskFeat's l2 norm
     hog_smooth_sigma: float = 0.0  # hog: Gaussian blur (pixels) of the image before the gradients; 0 = none
     hog_center: bool = False  # hog: subtract each patch's mean feature value (zero-mean targets for the cosine loss)
+    hog_colour_weight: float = 0.0  # hog: > 0 appends the patch's mean colour (RGB - 0.5) times this weight
 
 
 # HOG settings for the CPU demo (``vqkd_demo`` on ``make_demo_data`` images, 64 px, patch 8). With the plain MaskFeat
@@ -101,20 +103,27 @@ class HOGTeacher(FrozenTeacher):
     Subtracting the per-patch mean (as MAE's ``norm_pix_loss`` does for pixels) removes that shared direction, so
     only the orientation structure of the patch is left to predict; ``smooth_sigma`` keeps that structure from
     being pixel noise in flat regions.
+
+    Why ``colour_weight`` exists: each channel's histogram is normalised on its own, so HOG says where the edges are
+    but hardly what colour a patch is. A semantic teacher (CLIP) also encodes colour; where colour is what the text
+    talks about (the demo scenes), ``colour_weight > 0`` appends the patch's mean colour, centred at grey, times the
+    weight (after the HOG centring, so the colour keeps its sign).
     """
 
     def __init__(self, patch_size: int, bins: int = 9, cells_per_side: int = 2, norm_floor: float = 0.0,
-                 smooth_sigma: float = 0.0, center: bool = False):
+                 smooth_sigma: float = 0.0, center: bool = False, colour_weight: float = 0.0):
         super().__init__()
-        if bins < 1 or cells_per_side < 1 or patch_size % cells_per_side or norm_floor < 0 or smooth_sigma < 0:
+        if (bins < 1 or cells_per_side < 1 or patch_size % cells_per_side or norm_floor < 0 or smooth_sigma < 0
+                or colour_weight < 0):
             raise ConfigError(
                 f"HOG teacher: patch_size {patch_size} must be divisible by hog_cells_per_side {cells_per_side}, "
-                f"hog_bins ({bins}) must be >= 1, hog_norm_floor ({norm_floor}) and hog_smooth_sigma "
-                f"({smooth_sigma}) >= 0"
+                f"hog_bins ({bins}) must be >= 1, hog_norm_floor ({norm_floor}), hog_smooth_sigma "
+                f"({smooth_sigma}) and hog_colour_weight ({colour_weight}) >= 0"
             )
         self.patch_size, self.bins, self.cells_per_side = patch_size, bins, cells_per_side
         self.norm_floor, self.smooth_sigma, self.center = norm_floor, smooth_sigma, center
-        self.feature_dim = 3 * bins * cells_per_side ** 2
+        self.colour_weight = colour_weight
+        self.feature_dim = 3 * bins * cells_per_side ** 2 + (3 if colour_weight > 0 else 0)
         sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
         self.register_buffer("sobel", torch.stack([sobel, sobel.t()])[:, None].repeat(3, 1, 1, 1), persistent=False)
         radius = math.ceil(3 * smooth_sigma)
@@ -147,7 +156,12 @@ class HOGTeacher(FrozenTeacher):
         hist = hist.view(b, 3, self.bins, h // cell, w // cell)
         hist = hist / hist.norm(dim=2, keepdim=True).clamp(min=max(self.norm_floor, 1e-12))
         features = patchify(hist.view(b, 3 * self.bins, h // cell, w // cell), self.cells_per_side)
-        return features - features.mean(-1, keepdim=True) if self.center else features
+        if self.center:
+            features = features - features.mean(-1, keepdim=True)
+        if self.colour_weight > 0:
+            colour = patchify(F.avg_pool2d(images.float(), self.patch_size), 1)  # [B, N, 3]
+            features = torch.cat([features, self.colour_weight * (colour - 0.5)], dim=-1)
+        return features
 
 
 class PixelTeacher(FrozenTeacher):
@@ -248,7 +262,7 @@ def build_teacher(cfg: TeacherConfig, patch_size: int) -> FrozenTeacher:
     """Build the teacher described by ``cfg`` for a tokenizer with the given patch size."""
     if cfg.kind == "hog":
         return HOGTeacher(patch_size, cfg.hog_bins, cfg.hog_cells_per_side, cfg.hog_norm_floor, cfg.hog_smooth_sigma,
-                          cfg.hog_center)
+                          cfg.hog_center, cfg.hog_colour_weight)
     if cfg.kind == "pixels":
         return PixelTeacher(patch_size)
     if cfg.kind == "timm":
