@@ -1,5 +1,7 @@
 """Metrics against hand-worked values: top-k, VQA accuracy and answer normalisation, recall@K, BLEU, CIDEr-D."""
+import importlib.util
 import math
+import random
 
 import pytest
 import torch
@@ -136,3 +138,24 @@ def test_python_scores_equal_pycocoevalcap():
     theirs = caption_scores(preds, refs, backend="pycocoevalcap")
     for key in ours:
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None, reason="pycocoevalcap not installed")
+def test_bleu_and_cider_d_equal_pycocoevalcap_scorers():
+    """The pure-Python scorers against pycocoevalcap's Bleu and Cider classes (pure Python too: only its PTB
+    tokenizer needs Java) on already tokenised captions, random corpora with repeated n-grams and length spread."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    words = "a the red blue star circle on left of two cats dog sits mat".split()
+    rng = random.Random(0)
+    sentence = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))  # noqa: E731
+    for _ in range(5):
+        refs = {i: [sentence() for _ in range(rng.randint(1, 5))] for i in range(rng.randint(2, 12))}
+        preds = {i: [sentence()] for i in refs}
+        theirs_bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
+        theirs_cider, theirs_per_image = Cider().compute_score(refs, preds)
+        assert bleu(preds, refs) == pytest.approx(theirs_bleu, rel=1e-9, abs=1e-12)
+        mean, per_image = cider_d(preds, refs)
+        assert mean == pytest.approx(theirs_cider, rel=1e-9)
+        assert per_image == pytest.approx(list(theirs_per_image), rel=1e-9)
