@@ -11,7 +11,7 @@ import torch
 
 import beit3
 from beit3.data.readers import read_jsonl
-from beit3.demo import ROWS, caption_constant_cider, summarize, vqa_majority_score
+from beit3.demo import ROWS, caption_constant_cider, random_ranking_recall, summarize, vqa_question_prior_score
 from beit3.plots import image_grid, loss_keys, plot_logs, read_log
 from data_fixtures import demo_root  # noqa: F401
 
@@ -39,7 +39,8 @@ def demo_run(tmp_path, demo_root):  # noqa: F811
     (run / "data").symlink_to(demo_root)
     _write_log(run / "pretrain" / "log.jsonl", ["loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text"])
     for init, bump in (("scratch", 0.0), ("pretrained", 10.0)):
-        _metrics(run / "ft" / f"retrieval_{init}", "coco_retrieval", {"ir_r1": 5.0 + bump, "tr_r1": 6.0 + bump})
+        _metrics(run / "ft" / f"retrieval_{init}", "coco_retrieval", {"ir_r1": 5.0 + bump, "tr_r1": 6.0 + bump,
+                                                                             "average_score": 9.0 + bump})
         _metrics(run / "ft" / f"vqav2_{init}", "vqav2", {"vqa_score": 40.0 + bump})
         _metrics(run / "ft" / f"captioning_{init}", "coco_captioning", {"CIDEr": 0.1 + bump / 10})
         for task in ("retrieval", "vqav2", "captioning"):
@@ -63,8 +64,10 @@ def test_summarize_table_baselines_and_plots(demo_run, demo_root):  # noqa: F811
     assert rows["ir_r1"]["scratch"] == 5.0 and rows["ir_r1"]["pretrained"] == 15.0
     num_val_images = len({i["image_id"] for i in read_jsonl(demo_root / "coco_retrieval.val.jsonl")})
     assert rows["ir_r1"]["baseline"] == pytest.approx(100.0 / num_val_images)
+    assert rows["average_score"]["pretrained"] == 19.0
+    assert rows["ir_r1"]["baseline"] < rows["average_score"]["baseline"] < 100.0 / num_val_images * 10
     assert 0.0 < rows["vqa_score"]["baseline"] < 100.0
-    assert rows["vqa_score"]["baseline"] == pytest.approx(vqa_majority_score(demo_root))
+    assert rows["vqa_score"]["baseline"] == pytest.approx(vqa_question_prior_score(demo_root))
     assert rows["CIDEr"]["baseline"] == pytest.approx(caption_constant_cider(demo_root)) and rows["CIDEr"]["baseline"] >= 0
     assert result["plot_errors"] == {}
     for name in ("pretrain_loss", "finetune_loss", "retrieval_examples", "caption_examples"):
@@ -104,3 +107,29 @@ def test_command_line_tools(demo_run):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "demo_report.py"), "--run", str(demo_run),
                            "--no-plots"], check=True, env=env, capture_output=True, text=True)
     assert "| vqav2 |" in done.stdout and (demo_run / "results.json").is_file()
+
+
+def test_vqa_question_prior_hand_computed(tmp_path):
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # question [5] answered 0 (score 1.0 + 0.3) over 1 (1.0) in training; question [6] only 1; overall top is 1
+    write("vqa.train.jsonl", [{"text_segment": [5], "labels": [0, 1], "scores": [1.0, 0.3]},
+                              {"text_segment": [5], "labels": [1], "scores": [1.0]},
+                              {"text_segment": [5], "labels": [0], "scores": [0.3]},
+                              {"text_segment": [6], "labels": [1], "scores": [1.0]},
+                              {"text_segment": [6], "labels": [1], "scores": [1.0]},
+                              {"text_segment": [7], "labels": [], "scores": []}])
+    write("vqa.val.jsonl", [{"text_segment": [5], "labels": [0], "scores": [0.6]},   # prior 0 -> 0.6
+                            {"text_segment": [6], "labels": [0], "scores": [1.0]},   # prior 1 -> 0
+                            {"text_segment": [9], "labels": [1], "scores": [0.3]}])  # unseen: overall top 1 -> 0.3
+    assert vqa_question_prior_score(tmp_path) == pytest.approx(100 * 0.9 / 3)
+
+
+def test_random_ranking_recall_hand_computed():
+    # 2 images with 1 and 2 of the 3 captions: image->text R@1 = mean(1/3, 2/3); R@2 = mean(2/3, 1 - 0) ; R@5 = 100
+    got = random_ranking_recall([1, 2], ks=(1, 2, 5))
+    assert got["ir_r1"] == pytest.approx(50.0) and got["ir_r2"] == pytest.approx(100.0) and got["ir_r5"] == 100.0
+    assert got["tr_r1"] == pytest.approx(50.0)
+    assert got["tr_r2"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert got["tr_r5"] == pytest.approx(100.0)
