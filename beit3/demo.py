@@ -100,8 +100,8 @@ def random_ranking_recall(captions_per_image: list[int], ks: tuple[int, ...] = (
 
 def baselines(data_root: PathLike, split: str = "val") -> dict[str, float]:
     """Chance / trivial baselines on ``split``: retrieval R@1 of a random ranking (text→image: 1 / images;
-    image→text: at least one of the image's captions ranked first) and their mean over R@1/5/10 both ways, VQA answer from the question alone, captioning
-    constant caption."""
+    image→text: at least one of the image's captions ranked first) and its mean over R@1/5/10 both ways, VQA answer
+    from the question alone, captioning constant caption."""
     out: dict[str, float] = {}
     root = Path(data_root)
     items = _read_jsonl(root / f"coco_retrieval.{split}.jsonl") if (root / f"coco_retrieval.{split}.jsonl").is_file() else []

@@ -18,6 +18,7 @@ from .layers import (
     TEXT_ONLY,
     FeedForward,
     MultiwayAttention,
+    SequenceParts,
     attention_bias,
     drop_path_rates,
     init_linear_and_norm,
@@ -145,7 +146,7 @@ class MultiwayPositionEmbedding(nn.Module):
         return torch.cat([p.expand(batch, -1, -1) for p in parts], dim=1)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(SequenceParts):
     """Pre-LN Multiway block: ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(FFN(LN(x)))``."""
 
     def __init__(self, cfg: BEiT3Config, drop_path: float, vl_expert: bool):
@@ -156,15 +157,6 @@ class EncoderLayer(nn.Module):
         self.ffn = routed(FeedForward(dim, cfg.ffn_dim, eps), with_vl_expert=vl_expert)
         self.final_layer_norm = routed(nn.LayerNorm(dim, eps=eps), with_vl_expert=vl_expert)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        split: int,
-        attn_bias: Optional[torch.Tensor] = None,
-        incremental_state: Optional[dict] = None,
-    ) -> torch.Tensor:
-        return join_parts(self.forward_parts(split_parts(x, split), split, attn_bias, incremental_state))
 
     def forward_parts(
         self,

@@ -97,7 +97,21 @@ def routed(module: nn.Module, shared: bool = False, with_vl_expert: bool = False
     return Shared(module) if shared else Multiway(module, with_vl_expert=with_vl_expert)
 
 
-class MultiwayAttention(nn.Module):
+class SequenceParts(nn.Module):
+    """A module computed on the per-modality parts of a sequence (see :func:`split_parts`): subclasses define
+    ``forward_parts(parts, split, attn_bias, incremental_state)``; ``forward`` takes and returns the joined sequence."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        split: int,
+        attn_bias: Optional[torch.Tensor] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> torch.Tensor:
+        return join_parts(self.forward_parts(split_parts(x, split), split, attn_bias, incremental_state))
+
+
+class MultiwayAttention(SequenceParts):
     """Multi-head self-attention computed jointly over the whole sequence, with per-modality projections.
 
     q/k/v/out projections and the Sub-LN ``inner_attn_ln`` (over the concatenated heads, before ``out_proj``) are
@@ -116,15 +130,6 @@ class MultiwayAttention(nn.Module):
         self.v_proj = routed(nn.Linear(dim, dim), shared)
         self.out_proj = routed(nn.Linear(dim, dim), shared)
         self.inner_attn_ln = routed(nn.LayerNorm(dim, eps=eps), shared)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        split: int,
-        attn_bias: Optional[torch.Tensor] = None,
-        incremental_state: Optional[dict] = None,
-    ) -> torch.Tensor:
-        return join_parts(self.forward_parts(split_parts(x, split), split, attn_bias, incremental_state))
 
     def forward_parts(
         self,
