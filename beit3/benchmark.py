@@ -12,7 +12,8 @@ Cases (each timed after warm-up, over several repeats, median reported):
   same width/depth as the model).
 
 Model FLOPs follow ``6·N·T + 12·L·d·T²`` per sequence (N = L·(4d² + 2·d·d_ff) active parameters per token; embeddings,
-norms and activations excluded) plus ``6·d·C`` per masked position for the heads. MFU = FLOPs / step time / peak;
+norms and activations excluded); a pretraining step adds ``6·d·C`` per masked position for the heads and drops the
+last layer's work past keys and values for the positions no head reads (:func:`pretrain_flops`). MFU = FLOPs / step time / peak;
 the CPU peak is measured once with a large matmul in the benchmark's precision, GPU peaks come from the vendor table.
 Timings exclude the optimizer step.
 """
@@ -88,6 +89,17 @@ def sequence_flops(cfg: BEiT3Config, tokens: int) -> float:
 
 def head_flops(dim: int, classes: int, positions: int) -> float:
     return 6.0 * dim * classes * positions
+
+
+def pretrain_flops(cfg: BEiT3Config, batch: int, seq: int, masked_patches: int, masked_text: int,
+                   codebook_size: int = 8192) -> float:
+    """Training FLOPs of a pair pretraining step: the trunk less the last layer's work for the positions no head
+    reads (only their keys and values are needed), plus the MIM and MLM heads on the masked positions."""
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    unread = batch * seq - masked_patches - masked_text
+    skipped = 6.0 * (2 * d * d + 2 * d * f) * unread + 12.0 * d * seq * unread
+    return (batch * sequence_flops(cfg, seq) - skipped + head_flops(d, codebook_size, masked_patches)
+            + head_flops(d, cfg.vocab_size, masked_text))
 
 
 def measure_cpu_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -312,47 +324,37 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
         results["torchscale_max_abs_diff"] = check_twin(backbone, twin, inputs)
         results["torchscale_match_1e-4"] = max(results["torchscale_max_abs_diff"].values()) <= 1e-4
         log(f"[bench] torchscale twin (same weights): max |diff| per modality {results['torchscale_max_abs_diff']}")
-    for modality in ("image", "text", "pair"):
-        if f"backbone_{modality}" not in bench.cases:
-            continue
-        kwargs = backbone_kwargs(inputs, modality)
-        fns = {f"backbone_{modality}": backbone_step(runner, kwargs)}
-        if twin is not None:
-            fns[f"torchscale_{modality}"] = backbone_step(twin, kwargs)
-        if bench.precision == "bf16" and modality == "pair":
-            # same-run fp32 references for the bf16 targets
-            fns["backbone_pair_fp32"] = backbone_step(runner, kwargs)
-            if twin is not None:
-                fns["torchscale_pair_fp32"] = backbone_step(twin, kwargs)
-        if vit is not None and modality == "image":
-            fns["timm_vit_image"] = vit_step(vit, inputs["images"])
-        tokens = tokens_of(cfg, modality, bench.batch, bench.text_len)
-        seq = tokens // bench.batch
-        flops = bench.batch * sequence_flops(cfg, seq)
-        for name, timing in timer.run(fns).items():
-            record(name, timing, bench.batch, tokens, flops)
-        log_cases(results, list(fns), log)
-    twin = vit = None
-
-    # Pretraining step (pair stream) with precomputed codes / the online tokenizer, and tokenizer encoding.
+    # Pretraining steps (pair stream, precomputed codes / online tokenizer) run interleaved with the backbone pair
+    # step, so their ratio is taken under the same load.
     tokenizer = None
     if any(c in bench.cases for c in ("pretrain_online", "tokenizer_encode")):
         tokenizer = build_tokenizer(bench, cfg, device)
-    fns, flops = {}, {}
-    if "pretrain_precomputed" in bench.cases or "pretrain_online" in bench.cases:
-        make_batch, pre_flops = pretrain_batch_fn(pre, cfg, inputs, bench, device)
-        objective = maybe_compile(pre, bench)
-        if "pretrain_precomputed" in bench.cases:
-            fns["pretrain_precomputed"] = pretrain_step(objective, lambda: make_batch(None))
-            flops["pretrain_precomputed"] = pre_flops
-        if "pretrain_online" in bench.cases and tokenizer is not None:
-            fns["pretrain_online"] = pretrain_step(objective, lambda: make_batch(tokenizer))
-            flops["pretrain_online"] = pre_flops
-    if fns:
-        tokens = tokens_of(cfg, "pair", bench.batch, bench.text_len)
+    pre_fns, pre_flops = pretraining_cases(pre, cfg, inputs, bench, device, tokenizer)
+    for modality in ("image", "text", "pair"):
+        fns = {}
+        if f"backbone_{modality}" in bench.cases:
+            kwargs = backbone_kwargs(inputs, modality)
+            fns[f"backbone_{modality}"] = backbone_step(runner, kwargs)
+            if twin is not None:
+                fns[f"torchscale_{modality}"] = backbone_step(twin, kwargs)
+            if bench.precision == "bf16" and modality == "pair":
+                # same-run fp32 references for the bf16 targets
+                fns["backbone_pair_fp32"] = backbone_step(runner, kwargs)
+                if twin is not None:
+                    fns["torchscale_pair_fp32"] = backbone_step(twin, kwargs)
+            if vit is not None and modality == "image":
+                fns["timm_vit_image"] = vit_step(vit, inputs["images"])
+        if modality == "pair":
+            fns.update(pre_fns)
+        if not fns:
+            continue
+        tokens = tokens_of(cfg, modality, bench.batch, bench.text_len)
+        flops = bench.batch * sequence_flops(cfg, tokens // bench.batch)
         for name, timing in timer.run(fns).items():
-            record(name, timing, bench.batch, tokens, flops[name])
+            record(name, timing, bench.batch, tokens, pre_flops.get(name, flops))
         log_cases(results, list(fns), log)
+    twin = vit = None
+
     if "tokenizer_encode" in bench.cases and tokenizer is not None:
         images = tokenizer_images(tokenizer, bench.batch, device)
 
@@ -442,10 +444,21 @@ def pretrain_batch_fn(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, d
     sample = make(None)["pair"]
     masked_patches = int(sample["image_mask"].sum())
     masked_text = int(sample["text_mask"].sum())
-    seq = cfg.num_patches + 1 + bench.text_len
-    flops = (bench.batch * sequence_flops(cfg, seq) + head_flops(cfg.embed_dim, 8192, masked_patches)
-             + head_flops(cfg.embed_dim, cfg.vocab_size, masked_text))
-    return make, flops
+    return make, pretrain_flops(cfg, bench.batch, cfg.num_patches + 1 + bench.text_len, masked_patches, masked_text)
+
+
+def pretraining_cases(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, device: torch.device, tokenizer):
+    """The requested pretraining step functions and their model FLOPs (the online one needs ``tokenizer``)."""
+    fns, flops = {}, {}
+    if "pretrain_precomputed" not in bench.cases and "pretrain_online" not in bench.cases:
+        return fns, flops
+    make_batch, step_flops = pretrain_batch_fn(pre, cfg, inputs, bench, device)
+    objective = maybe_compile(pre, bench)
+    if "pretrain_precomputed" in bench.cases:
+        fns["pretrain_precomputed"] = pretrain_step(objective, lambda: make_batch(None))
+    if "pretrain_online" in bench.cases and tokenizer is not None:
+        fns["pretrain_online"] = pretrain_step(objective, lambda: make_batch(tokenizer))
+    return fns, {name: step_flops for name in fns}
 
 
 def pretrain_step(pre, make_batch: Callable[[], dict]) -> Callable[[], None]:

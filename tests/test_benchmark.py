@@ -52,3 +52,19 @@ def test_encoder_block_compiles_without_graph_breaks():
         explained = torch._dynamo.explain(lambda *p: layer.forward_parts(list(p), split, attn_bias))(*parts)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+
+
+def test_pretraining_flops_count_only_the_work_the_loss_needs():
+    from beit3.benchmark import pretrain_flops
+    from beit3.models.registry import model_config
+
+    cfg = model_config("beit3_tiny_patch8_32")  # d 64, d_ff 256, depth 2
+    d, f, batch, seq, patches, text = 64, 256, 2, 25, 7, 3
+    expected = 0.0
+    for layer in range(2):
+        for token in range(batch * seq):
+            read = layer == 0 or token < patches + text  # the last layer: full work only where a head reads
+            weights = 4 * d * d + 2 * d * f if read else 2 * d * d  # else the key and value projections alone
+            expected += 6 * weights + (12 * d * seq if read else 0)  # QK^T and AV rows of its query, fwd + bwd
+    expected += 6 * d * (8192 * patches + 1000 * text)
+    assert math.isclose(pretrain_flops(cfg, batch, seq, patches, text), expected, rel_tol=1e-12)

@@ -18,6 +18,7 @@ from .layers import (
     TEXT_ONLY,
     FeedForward,
     MultiwayAttention,
+    RowSelection,
     SequenceParts,
     attention_bias,
     drop_path_rates,
@@ -164,21 +165,41 @@ class EncoderLayer(SequenceParts):
         split: int,
         attn_bias: Optional[torch.Tensor] = None,
         incremental_state: Optional[dict] = None,
+        selection: Optional[RowSelection] = None,
     ) -> list[torch.Tensor]:
-        """The block on the sequence kept as its per-modality parts (see ``layers.split_parts``)."""
-        keep = self._drop_path_scale(parts[0])
-        h = self.self_attn.forward_parts(self.self_attn_layer_norm.forward_parts(parts, split), split, attn_bias, incremental_state)
-        parts = [x + (y if keep is None else y * keep) for x, y in zip(parts, h)]
-        h = self.ffn.forward_parts(self.final_layer_norm.forward_parts(parts, split), split)
-        keep = self._drop_path_scale(parts[0])
-        return [x + (y if keep is None else y * keep) for x, y in zip(parts, h)]
+        """The block on the sequence kept as its per-modality parts (see ``layers.split_parts``).
 
-    def _drop_path_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        With ``selection`` only the selected positions are computed past the keys and values, and the parts come back
+        as their selected rows (see ``layers.RowSelection``): the last layer of a masked-prediction step needs no more.
+        """
+        keep = self._drop_path_scale(parts[0])
+        normed = self.self_attn_layer_norm.forward_parts(parts, split)
+        if selection is None:
+            h = self.self_attn.forward_parts(normed, split, attn_bias, incremental_state)
+        else:
+            h = self.self_attn.forward_selected(normed, split, attn_bias, selection)
+            parts = selection.rows(parts)
+        parts = self._residual(parts, h, keep, selection)
+        h = self.ffn.forward_parts(self.final_layer_norm.forward_parts(parts, split), split)
+        return self._residual(parts, h, self._drop_path_scale(parts[0], selection), selection)
+
+    def _drop_path_scale(self, x: torch.Tensor, selection: Optional[RowSelection] = None) -> Optional[torch.Tensor]:
         """Per-sample stochastic-depth factor shared by all parts (drawn as ``timm.layers.DropPath`` draws it)."""
         if not isinstance(self.drop_path, DropPath) or not self.training or self.drop_path.drop_prob == 0.0:
             return None
+        batch = x.shape[0] if selection is None else selection.batch
         keep_prob = 1.0 - self.drop_path.drop_prob
-        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob).div_(keep_prob)
+        return x.new_empty((batch, 1, 1)).bernoulli_(keep_prob).div_(keep_prob)
+
+    @staticmethod
+    def _residual(
+        parts: list[torch.Tensor], h: list[torch.Tensor], keep: Optional[torch.Tensor], selection: Optional[RowSelection]
+    ) -> list[torch.Tensor]:
+        if keep is None:
+            return [x + y for x, y in zip(parts, h)]
+        if selection is None:
+            return [x + y * keep for x, y in zip(parts, h)]
+        return [x + y * keep[s, 0] for x, y, s in zip(parts, h, selection.samples)]
 
 
 class Encoder(nn.Module):
@@ -204,21 +225,25 @@ class Encoder(nn.Module):
         attn_bias: Optional[torch.Tensor] = None,
         incremental_state: Optional[dict] = None,
         return_all_hiddens: bool = False,
+        selection: Optional[RowSelection] = None,
     ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
         """Run every layer; ``incremental_state`` maps layer index -> {prev_key, prev_value} for decoding.
 
         The sequence is split into its modality parts once and joined again after the last layer, so routing inside
-        the layers never slices or concatenates the residual stream.
+        the layers never slices or concatenates the residual stream. With ``selection`` the last layer computes only
+        the selected positions and the result is their rows, (N, D).
         """
         states = [x] if return_all_hiddens else None
         use_checkpoint = self.training and torch.is_grad_enabled()
         parts = split_parts(x, split)
+        last = len(self.layers) - 1
         for idx, layer in enumerate(self.layers):
             layer_state = None if incremental_state is None else incremental_state.setdefault(idx, {})
+            layer_selection = selection if idx == last else None
             if use_checkpoint and layer_state is None and self.checkpointed(idx):
-                parts = checkpoint(_run_layer, layer, split, attn_bias, *parts, use_reentrant=False)
+                parts = checkpoint(_run_layer, layer, split, attn_bias, layer_selection, *parts, use_reentrant=False)
             else:
-                parts = layer.forward_parts(parts, split, attn_bias, layer_state)
+                parts = layer.forward_parts(parts, split, attn_bias, layer_state, layer_selection)
             if states is not None:
                 states.append(join_parts(parts))
         if self.layer_norm is not None:
@@ -226,8 +251,10 @@ class Encoder(nn.Module):
         return join_parts(parts), states
 
 
-def _run_layer(layer: "EncoderLayer", split: int, attn_bias: Optional[torch.Tensor], *parts: torch.Tensor) -> list:
-    return layer.forward_parts(list(parts), split, attn_bias)
+def _run_layer(
+    layer: "EncoderLayer", split: int, attn_bias: Optional[torch.Tensor], selection: Optional[RowSelection], *parts
+) -> list:
+    return layer.forward_parts(list(parts), split, attn_bias, None, selection)
 
 
 class BEiT3(nn.Module):
@@ -237,6 +264,11 @@ class BEiT3(nn.Module):
     ``encoder_padding_mask`` (B, L), ``multiway_split_position`` (-1 image only, 0 text only, else the number of
     vision tokens) and, with ``return_all_hiddens=True``, ``encoder_states`` (the input of layer 0 and the output of
     every layer, before the final LayerNorm).
+
+    ``output_positions`` (bool (B, L), True where an output is needed) makes the last layer compute only those
+    positions past its keys and values; ``encoder_out`` is then their rows, (N, D): the vision part's selected rows
+    row-major, then the text part's (= ``cat([out[:, :k][m[:, :k]], out[:, k:][m[:, k:]]])`` of the full output with
+    ``k`` the split position). Masked-prediction training needs only the masked positions.
     """
 
     def __init__(self, config: BEiT3Config):
@@ -284,6 +316,7 @@ class BEiT3(nn.Module):
         incremental_state: Optional[dict] = None,
         positions: Optional[torch.Tensor] = None,
         return_all_hiddens: bool = False,
+        output_positions: Optional[torch.Tensor] = None,
     ) -> dict:
         if textual_tokens is None and visual_tokens is None:
             raise ValueError("BEiT3.forward needs textual_tokens, visual_tokens or both")
@@ -326,7 +359,10 @@ class BEiT3(nn.Module):
             x.dtype,
             x.device,
         )
-        x, states = self.encoder(x, split, attn_bias, incremental_state, return_all_hiddens)
+        selection = None
+        if output_positions is not None:
+            selection = self._output_selection(output_positions, split, padding_mask.shape, incremental_state, return_all_hiddens)
+        x, states = self.encoder(x, split, attn_bias, incremental_state, return_all_hiddens, selection)
         out = {
             "encoder_out": x,
             "encoder_embedding": embedding,
@@ -336,3 +372,16 @@ class BEiT3(nn.Module):
         if states is not None:
             out["encoder_states"] = states
         return out
+
+    @staticmethod
+    def _output_selection(
+        output_positions: torch.Tensor, split: int, shape: torch.Size, incremental_state, return_all_hiddens: bool
+    ) -> RowSelection:
+        if tuple(output_positions.shape) != tuple(shape):
+            raise ValueError(
+                f"output_positions has shape {tuple(output_positions.shape)}; it must be (batch, sequence length) = "
+                f"{tuple(shape)}, vision tokens (CLS first) then text tokens"
+            )
+        if incremental_state is not None or return_all_hiddens:
+            raise ValueError("output_positions cannot be combined with incremental_state or return_all_hiddens")
+        return RowSelection.from_masks(split_parts(output_positions.to(torch.bool), split))

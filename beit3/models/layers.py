@@ -8,6 +8,7 @@ per-token loop and no gather over the full sequence.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -58,8 +59,8 @@ class Multiway(nn.Module):
         the zero-filled slice gradients of the backward that routing by slicing costs.
         """
         if self.C is not None and len(parts) == 2:
-            sizes = [p.shape[1] for p in parts]
-            return list(self.C(torch.cat(parts, dim=1)).split(sizes, dim=1))
+            sizes = [p.shape[-2] for p in parts]
+            return list(self.C(torch.cat(parts, dim=-2)).split(sizes, dim=-2))
         return [expert(p) for expert, p in zip(self.experts(split), parts)]
 
 
@@ -89,7 +90,63 @@ def split_parts(x: torch.Tensor, split: int) -> list[torch.Tensor]:
 
 
 def join_parts(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    """Inverse of :func:`split_parts`; also joins parts given as flat (N_i, D) rows (see :class:`RowSelection`)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+@dataclass
+class RowSelection:
+    """The positions of a sequence whose outputs are needed, given per modality part (see :func:`split_parts`).
+
+    Part ``i``'s selected positions are the rows ``(samples[i], positions[i])``, row-major. For attention the selected
+    queries sit in a padded (batch, width) grid, a sample's rows of every part side by side: ``slots[i]`` is each
+    row's column there, ``offsets[i]`` the part's first position in the whole sequence.
+    """
+
+    samples: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    offsets: list[int]
+    batch: int
+    width: int
+
+    @classmethod
+    def from_masks(cls, masks: list[torch.Tensor]) -> "RowSelection":
+        """From one bool (B, L_i) mask per part (True = output needed)."""
+        samples, positions, slots, offsets = [], [], [], []
+        taken = torch.zeros(masks[0].shape[0], dtype=torch.long, device=masks[0].device)
+        start = 0
+        for mask in masks:
+            mask = mask.bool()
+            sample, position = mask.nonzero(as_tuple=True)
+            rank = mask.long().cumsum(1) - 1
+            samples.append(sample)
+            positions.append(position)
+            slots.append(taken[sample] + rank[sample, position])
+            offsets.append(start)
+            taken = taken + mask.sum(1)
+            start += mask.shape[1]
+        return cls(samples, positions, slots, offsets, masks[0].shape[0], max(1, int(taken.max())))
+
+    def rows(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The selected rows of each (B, L_i, ...) part, as (N_i, ...)."""
+        return [x[s, p] for x, s, p in zip(parts, self.samples, self.positions)]
+
+    def to_grid(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Rows of every part -> the padded (batch, width, ...) grid, zeros where nothing is selected."""
+        joined = torch.cat(rows)
+        grid = joined.new_zeros((self.batch, self.width) + tuple(joined.shape[1:]))
+        return grid.index_put((torch.cat(self.samples), torch.cat(self.slots)), joined)
+
+    def from_grid(self, grid: torch.Tensor) -> list[torch.Tensor]:
+        """The padded grid -> rows of each part (inverse of :meth:`to_grid`)."""
+        return [grid[s, slot] for s, slot in zip(self.samples, self.slots)]
+
+    def grid_positions(self) -> torch.Tensor:
+        """(batch, width) position in the whole sequence of each grid cell (0 for padding cells)."""
+        grid = torch.zeros(self.batch, self.width, dtype=torch.long, device=self.samples[0].device)
+        rows = [p + offset for p, offset in zip(self.positions, self.offsets)]
+        return grid.index_put((torch.cat(self.samples), torch.cat(self.slots)), torch.cat(rows))
 
 
 def routed(module: nn.Module, shared: bool = False, with_vl_expert: bool = False) -> nn.Module:
@@ -167,6 +224,38 @@ class MultiwayAttention(SequenceParts):
         out = out.transpose(1, 2).reshape(batch, length, dim)
         out_parts = split_parts(out, split) if len(parts) == 2 else [out]
         out_parts = self.inner_attn_ln.forward_parts(out_parts, split)
+        return self.out_proj.forward_parts(out_parts, split)
+
+    def forward_selected(
+        self,
+        parts: list[torch.Tensor],
+        split: int,
+        attn_bias: Optional[torch.Tensor],
+        selection: RowSelection,
+    ) -> list[torch.Tensor]:
+        """Attention output at the selected positions only, as rows of each part (see :class:`RowSelection`).
+
+        Keys and values come from every position; queries, softmax rows, ``inner_attn_ln`` and ``out_proj`` are
+        computed for the selected positions alone (the rows equal those of :meth:`forward_parts`).
+        """
+        dim = self.num_heads * self.head_dim
+        queries, kv = [], []
+        experts = zip(self.q_proj.experts(split), self.k_proj.experts(split), self.v_proj.experts(split))
+        for (q_e, k_e, v_e), part, rows in zip(experts, parts, selection.rows(parts)):
+            kv.append(F.linear(part, torch.cat([k_e.weight, v_e.weight]), torch.cat([k_e.bias, v_e.bias])))
+            queries.append(q_e(rows))
+        kv = join_parts(kv)
+        batch, length = kv.shape[:2]
+        k, v = kv.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = selection.to_grid(queries).view(batch, selection.width, self.num_heads, self.head_dim).transpose(1, 2)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+            if attn_bias.shape[-2] > 1:  # one bias row per query: keep the selected queries' rows
+                heads, keys = attn_bias.shape[1], attn_bias.shape[-1]
+                index = selection.grid_positions()[:, None, :, None].expand(-1, heads, -1, keys)
+                attn_bias = attn_bias.expand(batch, -1, -1, -1).gather(2, index)
+        out = attention(q, k, v, attn_bias).transpose(1, 2).reshape(batch, selection.width, dim)
+        out_parts = self.inner_attn_ln.forward_parts(selection.from_grid(out), split)
         return self.out_proj.forward_parts(out_parts, split)
 
 

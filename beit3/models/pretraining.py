@@ -16,8 +16,8 @@ from .registry import register_model_class
 class BEiT3ForPretraining(nn.Module):
     """Backbone + MIM head (``codebook_size`` classes) + MLM head (``vocab_size`` classes).
 
-    Each head runs only on the features of masked positions, so the 64k-way MLM head costs nothing for the
-    unmasked majority of the text.
+    Only masked positions are computed past the last layer's keys and values (``BEiT3(output_positions=...)``) and
+    only they reach the heads, so neither the last layer nor the 64k-way MLM head spends work on the unmasked majority.
     """
 
     def __init__(self, config: BEiT3Config, codebook_size: int = 8192):
@@ -49,17 +49,24 @@ class BEiT3ForPretraining(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Encode an image, text or image-text batch; return MIM logits of the masked patches (row-major, in batch
         order) and MLM logits of the masked text positions."""
-        out = self.beit3(
+        needed = []  # positions whose output a head reads: masked patches (never the CLS), masked text tokens
+        if images is not None:
+            batch = images.shape[0]
+            patches = image_mask.bool() if image_mask is not None else images.new_zeros(batch, self.config.num_patches, dtype=torch.bool)
+            needed += [patches.new_zeros(batch, 1), patches]
+        if text_tokens is not None:
+            needed.append(text_mask.bool() if text_mask is not None else torch.zeros_like(text_tokens, dtype=torch.bool))
+        rows = self.beit3(
             textual_tokens=text_tokens,
             visual_tokens=images,
             text_padding_position=padding_mask,
             vision_masked_position=image_mask,
-        )
-        features = out["encoder_out"]
-        vision_len = 0 if images is None else self.beit3.vision_embed.num_position_embeddings()
+            output_positions=torch.cat(needed, dim=1),
+        )["encoder_out"]
+        num_mim = 0 if image_mask is None else int(image_mask.sum())
         logits = {}
         if image_mask is not None:
-            logits["mim"] = self.mim_head(features[:, 1:vision_len][image_mask.bool()])
+            logits["mim"] = self.mim_head(rows[:num_mim])
         if text_mask is not None:
-            logits["mlm"] = self.mlm_head(features[:, vision_len:][text_mask.bool()])
+            logits["mlm"] = self.mlm_head(rows[num_mim:])
         return logits
