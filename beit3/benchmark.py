@@ -5,17 +5,21 @@ Cases (each timed after warm-up, over several repeats, median reported):
 - ``backbone_{image,text,pair}``: fwd + bwd of the backbone on an image, text or image-text batch;
 - ``pretrain_{precomputed,online}``: the pair stream of the pretraining objective (masking, backbone, MIM/MLM heads on
   masked positions, cross-entropy, bwd) with precomputed visual codes or with the VQ-KD tokenizer run every step;
+- ``pretrain_deepspeed``: the whole training step under DeepSpeed (ZeRO stage ``zero_stage``, bf16 master-weight mode
+  for ``precision=bf16``, AdamW step included) on a model of its own: the case for peak memory (e.g. giant, ZeRO-3,
+  activation checkpointing, one GPU);
 - ``tokenizer_encode``: ``VQKD.get_codebook_indices`` on a batch (no grad);
 - ``data_loading``: :func:`beit3.data.benchmark.measure_loading` (one worker, decode + two-view transform);
 - same-run baselines when importable: ``torchscale_{image,text,pair}`` (the official torchscale ``BEiT3`` holding the
   *same* weights, outputs checked against ours) and ``timm_vit_image`` (``vit_base_patch16_224``-shaped ViT of the
-  same width/depth as the model).
+  same width/depth as the model); both in :mod:`beit3.benchmark_baselines`.
 
 Model FLOPs follow ``6·N·T + 12·L·d·T²`` per sequence (N = L·(4d² + 2·d·d_ff) active parameters per token; embeddings,
 norms and activations excluded); a pretraining step adds ``6·d·C`` per masked position for the heads and drops the
-last layer's work past keys and values for the positions no head reads (:func:`pretrain_flops`). MFU = FLOPs / step time / peak;
-the CPU peak is measured once with a large matmul in the benchmark's precision, GPU peaks come from the vendor table.
-Timings exclude the optimizer step.
+last layer's work past keys and values for the positions no head reads
+(:func:`beit3.benchmark_pretraining.pretrain_flops`). MFU = FLOPs / step time / peak; the CPU peak is measured with a
+large matmul in the benchmark's precision, GPU peaks come from the vendor table. Timings exclude the optimizer step,
+except ``pretrain_deepspeed`` (whose FLOPs still count the model only).
 """
 from __future__ import annotations
 
@@ -54,7 +58,9 @@ SUITES = {
 }
 
 ALL_CASES = ("backbone_image", "backbone_text", "backbone_pair", "pretrain_precomputed", "pretrain_online",
-             "tokenizer_encode", "data_loading")
+             "pretrain_deepspeed", "tokenizer_encode", "data_loading")
+# cases that set their own precision (DeepSpeed's bf16 mode): never run under autocast
+NO_AUTOCAST_CASES = ("pretrain_deepspeed",)
 
 
 @dataclass
@@ -77,6 +83,8 @@ class BenchConfig:
     cases: tuple = ALL_CASES
     seed: int = 0
     model_overrides: dict = field(default_factory=dict)
+    zero_stage: int = 1  # pretrain_deepspeed: ZeRO stage 0-3
+    deepspeed_config: str = ""  # pretrain_deepspeed: a DeepSpeed JSON (e.g. configs/deepspeed/zero3.json); "" = defaults
 
 
 # -- FLOPs and peaks ----------------------------------------------------------------------------------------------
@@ -85,21 +93,6 @@ def sequence_flops(cfg: BEiT3Config, tokens: int) -> float:
     L, d, f = cfg.depth, cfg.embed_dim, cfg.ffn_dim
     active = L * (4 * d * d + 2 * d * f)
     return 6.0 * active * tokens + 12.0 * L * d * tokens**2
-
-
-def head_flops(dim: int, classes: int, positions: int) -> float:
-    return 6.0 * dim * classes * positions
-
-
-def pretrain_flops(cfg: BEiT3Config, batch: int, seq: int, masked_patches: int, masked_text: int,
-                   codebook_size: int = 8192) -> float:
-    """Training FLOPs of a pair pretraining step: the trunk less the last layer's work for the positions no head
-    reads (only their keys and values are needed), plus the MIM and MLM heads on the masked positions."""
-    d, f = cfg.embed_dim, cfg.ffn_dim
-    unread = batch * seq - masked_patches - masked_text
-    skipped = 6.0 * (2 * d * d + 2 * d * f) * unread + 12.0 * d * seq * unread
-    return (batch * sequence_flops(cfg, seq) - skipped + head_flops(d, codebook_size, masked_patches)
-            + head_flops(d, cfg.vocab_size, masked_text))
 
 
 def measure_cpu_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -155,7 +148,9 @@ class Timer:
         return contextlib.nullcontext()
 
     def autocast_for(self, name: str):
-        return contextlib.nullcontext() if name.endswith("_fp32") else self.autocast()
+        if name.endswith("_fp32") or name in NO_AUTOCAST_CASES:
+            return contextlib.nullcontext()
+        return self.autocast()
 
     def run(self, fns: dict[str, Callable[[], None]]) -> dict[str, dict]:
         """Time ``fns``; a name ending in ``_fp32`` runs without autocast (same-run fp32 reference of a bf16 run)."""
@@ -219,38 +214,6 @@ def tokens_of(cfg: BEiT3Config, modality: str, batch: int, text_len: int) -> int
     return batch * {"image": vision, "text": text_len, "pair": vision + text_len}[modality]
 
 
-# -- baselines -----------------------------------------------------------------------------------------------------
-def torchscale_twin(model: BEiT3) -> Optional[torch.nn.Module]:
-    """The official torchscale ``BEiT3`` with the same config and weights as ``model`` (None if not importable)."""
-    try:
-        from torchscale.architecture.config import EncoderConfig
-        from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
-    except Exception:  # noqa: BLE001 - optional baseline
-        return None
-    c = model.config
-    args = EncoderConfig(
-        img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, vocab_size=c.vocab_size, multiway=True,
-        layernorm_embedding=False, normalize_output=c.normalize_output, no_output_layer=True, drop_path_rate=0.0,
-        encoder_embed_dim=c.embed_dim, encoder_attention_heads=c.num_heads, encoder_ffn_embed_dim=c.ffn_dim,
-        encoder_layers=c.depth, max_source_positions=c.max_text_positions, layernorm_eps=c.layernorm_eps,
-        checkpoint_activations=False,
-    )
-    twin = TorchscaleBEiT3(args)
-    twin.load_state_dict(model.state_dict(), strict=True)
-    return twin.to(next(model.parameters()).device)
-
-
-def timm_vit(cfg: BEiT3Config) -> Optional[torch.nn.Module]:
-    try:
-        import timm
-    except Exception:  # noqa: BLE001
-        return None
-    return timm.create_model(
-        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=cfg.img_size, patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.ffn_dim / cfg.embed_dim,
-    )
-
-
 # -- the benchmark -------------------------------------------------------------------------------------------------
 def configure_model(model: torch.nn.Module, bench: BenchConfig) -> None:
     backbone = model if isinstance(model, BEiT3) else model.beit3
@@ -270,6 +233,8 @@ def maybe_compile(model: torch.nn.Module, bench: BenchConfig) -> torch.nn.Module
 
 def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark; returns the JSON-able results."""
+    from beit3.benchmark_baselines import timm_vit, torchscale_twin, vit_step
+    from beit3.benchmark_pretraining import build_tokenizer, pretraining_cases, tokenizer_images
     from beit3.models.pretraining import BEiT3ForPretraining
 
     device = torch.device(bench.device)
@@ -297,10 +262,12 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
     }
     timer = Timer(bench, device)
     inputs = make_inputs(cfg, bench.batch, bench.text_len, device, bench.seed)
-    pre = BEiT3ForPretraining(cfg, codebook_size=8192).to(device)
-    configure_model(pre, bench)
-    backbone = pre.beit3
-    runner = maybe_compile(backbone, bench)
+    pre = backbone = runner = None  # the shared model of the backbone and plain pretraining cases
+    if any(c.startswith("backbone_") or c in ("pretrain_precomputed", "pretrain_online") for c in bench.cases):
+        pre = BEiT3ForPretraining(cfg, codebook_size=8192).to(device)
+        configure_model(pre, bench)
+        backbone = pre.beit3
+        runner = maybe_compile(backbone, bench)
 
     peaks = [peak]
 
@@ -318,8 +285,8 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
             peaks.append(max(peaks[-1], measure_cpu_peak(dtype)))
 
     # Backbone steps, each interleaved with its same-run baselines.
-    twin = torchscale_twin(backbone) if bench.baselines else None
-    vit = timm_vit(cfg).to(device) if bench.baselines else None
+    twin = torchscale_twin(backbone) if bench.baselines and backbone is not None else None
+    vit = timm_vit(cfg).to(device) if bench.baselines and backbone is not None else None
     if twin is not None:
         results["torchscale_max_abs_diff"] = check_twin(backbone, twin, inputs)
         results["torchscale_match_1e-4"] = max(results["torchscale_max_abs_diff"].values()) <= 1e-4
@@ -384,13 +351,6 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
     return results
 
 
-def vit_step(vit: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        vit.zero_grad(set_to_none=True)
-        vit.forward_features(images).float().square().mean().backward()
-    return step
-
-
 def check_twin(ours: BEiT3, twin: torch.nn.Module, inputs: dict) -> dict:
     diffs = {}
     with torch.no_grad():
@@ -400,77 +360,6 @@ def check_twin(ours: BEiT3, twin: torch.nn.Module, inputs: dict) -> dict:
             b = twin(**kwargs)["encoder_out"].float()
             diffs[modality] = float((a - b).abs().max())
     return diffs
-
-
-def build_tokenizer(bench: BenchConfig, cfg: BEiT3Config, device: torch.device):
-    from tokenizer.vqkd import VQKD, vqkd_config
-
-    tcfg = vqkd_config(bench.tokenizer, img_size=cfg.img_size, patch_size=cfg.patch_size, kmeans_init=False)
-    return VQKD(tcfg).to(device).eval().requires_grad_(False)
-
-
-def tokenizer_images(tokenizer, batch: int, device: torch.device) -> torch.Tensor:
-    size = tokenizer.config.img_size
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-
-
-def pretrain_batch_fn(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, device: torch.device):
-    """A function making a masked pair batch (``PretrainInputs.prepare``) and the model FLOPs of its step."""
-    from beit3.masking import MaskingConfig
-    from beit3.pretrain import PretrainInputs
-
-    grid = cfg.img_size // cfg.patch_size
-    masking = MaskingConfig()
-    state = {"tok_images": None}
-
-    def make(tokenizer) -> dict:
-        pair = {"image": inputs["images"].cpu(), "text_tokens": inputs["tokens"].cpu(), "padding_mask": inputs["padding"].cpu()}
-        codes_fn = None
-        if tokenizer is None:
-            pair["codes"] = torch.randint(0, 8192, (bench.batch, grid * grid), generator=torch.Generator().manual_seed(2))
-        else:
-            if state["tok_images"] is None:
-                state["tok_images"] = tokenizer_images(tokenizer, bench.batch, device)
-            pair["tokenizer_image"] = state["tok_images"]
-
-            def codes_fn(images):
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bench.precision == "bf16"):
-                    return tokenizer.get_codebook_indices(images).cpu()
-        prep = PretrainInputs([], masking, (grid, grid), mask_token_id=3, random_token_range=(4, cfg.vocab_size),
-                              special_token_ids=(0, 1, 2), codes_fn=codes_fn, seed=bench.seed)
-        batch = prep.prepare({"pair": pair})
-        return {s: {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for s, b in batch.items()}
-
-    sample = make(None)["pair"]
-    masked_patches = int(sample["image_mask"].sum())
-    masked_text = int(sample["text_mask"].sum())
-    return make, pretrain_flops(cfg, bench.batch, cfg.num_patches + 1 + bench.text_len, masked_patches, masked_text)
-
-
-def pretraining_cases(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, device: torch.device, tokenizer):
-    """The requested pretraining step functions and their model FLOPs (the online one needs ``tokenizer``)."""
-    fns, flops = {}, {}
-    if "pretrain_precomputed" not in bench.cases and "pretrain_online" not in bench.cases:
-        return fns, flops
-    make_batch, step_flops = pretrain_batch_fn(pre, cfg, inputs, bench, device)
-    objective = maybe_compile(pre, bench)
-    if "pretrain_precomputed" in bench.cases:
-        fns["pretrain_precomputed"] = pretrain_step(objective, lambda: make_batch(None))
-    if "pretrain_online" in bench.cases and tokenizer is not None:
-        fns["pretrain_online"] = pretrain_step(objective, lambda: make_batch(tokenizer))
-    return fns, {name: step_flops for name in fns}
-
-
-def pretrain_step(pre, make_batch: Callable[[], dict]) -> Callable[[], None]:
-    from beit3.pretrain import MaskedDataModeling, ObjectiveConfig
-
-    objective = MaskedDataModeling(pre, ObjectiveConfig())
-
-    def step() -> None:
-        objective.zero_grad(set_to_none=True)
-        loss, _ = objective(make_batch())
-        loss.backward()
-    return step
 
 
 def data_loading(bench: BenchConfig, cfg: BEiT3Config) -> dict:

@@ -20,7 +20,7 @@ def test_quick_suite_writes_complete_json(tmp_path):
     assert results["peak_flops"] > 0 and results["peak_source"]
     cases = results["cases"]
     for name in ("backbone_image", "backbone_text", "backbone_pair", "pretrain_precomputed", "pretrain_online",
-                 "tokenizer_encode"):
+                 "pretrain_deepspeed", "tokenizer_encode"):
         case = cases[name]
         for key in ("step_s", "samples_per_s", "tokens_per_s", "flops_per_step", "achieved_tflops", "mfu", "peak_mem_mb"):
             assert math.isfinite(case[key]) and case[key] > 0, (name, key, case[key])
@@ -55,7 +55,7 @@ def test_encoder_block_compiles_without_graph_breaks():
 
 
 def test_pretraining_flops_count_only_the_work_the_loss_needs():
-    from beit3.benchmark import pretrain_flops
+    from beit3.benchmark_pretraining import pretrain_flops
     from beit3.models.registry import model_config
 
     cfg = model_config("beit3_tiny_patch8_32")  # d 64, d_ff 256, depth 2
@@ -68,3 +68,20 @@ def test_pretraining_flops_count_only_the_work_the_loss_needs():
             expected += 6 * weights + (12 * d * seq if read else 0)  # QK^T and AV rows of its query, fwd + bwd
     expected += 6 * d * (8192 * patches + 1000 * text)
     assert math.isclose(pretrain_flops(cfg, batch, seq, patches, text), expected, rel_tol=1e-12)
+
+
+def test_deepspeed_step_trains_the_tiny_model_under_zero3_bf16_with_checkpointing():
+    import torch
+
+    from beit3.benchmark import BenchConfig, make_inputs
+    from beit3.benchmark_pretraining import deepspeed_pretrain_step, pretrain_batch_fn
+    from beit3.models.registry import model_config
+
+    bench = BenchConfig(model="beit3_tiny_patch8_32", batch=2, text_len=8, precision="bf16", zero_stage=3,
+                        deepspeed_config=str(ROOT / "configs" / "deepspeed" / "zero3.json"), checkpointing="all",
+                        cases=("pretrain_deepspeed",))
+    cfg = model_config(bench.model)
+    make_batch, _ = pretrain_batch_fn(cfg, make_inputs(cfg, 2, 8, torch.device("cpu"), 0), bench, torch.device("cpu"))
+    step = deepspeed_pretrain_step(cfg, bench, lambda: make_batch(None))
+    losses = [float(step()) for _ in range(6)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses

@@ -26,6 +26,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpointing", choices=("none", "all", "every_k"), default="none")
     p.add_argument("--checkpoint-every", type=int, default=2, help="k for --checkpointing every_k")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=1, help="ZeRO stage of pretrain_deepspeed")
+    p.add_argument("--deepspeed-config", default="", help="DeepSpeed JSON for pretrain_deepspeed (default: built-in)")
     p.add_argument("--no-baselines", action="store_true", help="skip the torchscale / timm baselines")
     p.add_argument("--tokenizer", default=None, help="VQ-KD config name for the online tokenizer")
     p.add_argument("--data-root", default=None, help="data root for the loading benchmark (default: generated demo)")
@@ -47,7 +49,8 @@ def main(argv=None) -> dict:
         checkpointing=args.checkpointing, checkpoint_every=args.checkpoint_every,
         baselines=preset["baselines"] and not args.no_baselines, tokenizer=args.tokenizer or preset["tokenizer"],
         loading_images=preset["loading_images"], data_root=args.data_root,
-        cases=tuple(c for c in args.cases.split(",") if c),
+        cases=tuple(c for c in args.cases.split(",") if c), zero_stage=args.zero_stage,
+        deepspeed_config=args.deepspeed_config,
     )
     unknown = set(bench.cases) - set(ALL_CASES)
     if unknown:
