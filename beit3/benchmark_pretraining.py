@@ -1,6 +1,7 @@
 """Pretraining-step cases of the benchmark (see :mod:`beit3.benchmark`): the masked pair batch, the objective's
 fwd + bwd with precomputed codes or the online VQ-KD tokenizer, and the whole DeepSpeed training step (ZeRO stage,
-bf16 master-weight mode, optimizer) as ``tools/pretrain.py`` runs it, plus the model FLOPs these steps need."""
+bf16 master-weight mode, optimizer) as ``tools/pretrain.py`` runs it, plus the model FLOPs these steps need. The
+objective runs as the base/large/giant configs set it: ``masked_only_last_layer=True``."""
 from __future__ import annotations
 
 from typing import Callable
@@ -94,7 +95,7 @@ def pretraining_cases(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, d
 def pretrain_step(pre, make_batch: Callable[[], dict]) -> Callable[[], None]:
     from beit3.pretrain import MaskedDataModeling, ObjectiveConfig
 
-    objective = MaskedDataModeling(pre, ObjectiveConfig())
+    objective = MaskedDataModeling(pre, ObjectiveConfig(masked_only_last_layer=True))
 
     def step() -> None:
         objective.zero_grad(set_to_none=True)
@@ -120,7 +121,7 @@ def deepspeed_pretrain_step(cfg: BEiT3Config, bench: BenchConfig, make_batch: Ca
 
     model = BEiT3ForPretraining(cfg, codebook_size=8192)
     configure_model(model, bench)
-    objective = MaskedDataModeling(model, ObjectiveConfig())
+    objective = MaskedDataModeling(model, ObjectiveConfig(masked_only_last_layer=True))
     train_cfg = TrainConfig(precision=bench.precision, zero_stage=bench.zero_stage,
                             deepspeed_config=bench.deepspeed_config)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=build_optimizer(objective, OptimConfig()),

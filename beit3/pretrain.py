@@ -34,6 +34,9 @@ class ObjectiveConfig:
     pair_weight: float = 1.0
     stage: Stage = "joint"
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # the last layer only at masked positions (exact; 4% fewer FLOPs at base size): on in the base/large/giant configs,
+    # off by default, because it rounds differently and the demo's small-sample fine-tuning comparisons flip with that
+    masked_only_last_layer: bool = False
 
 
 STAGE_STREAMS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "joint": STREAMS}
@@ -83,6 +86,7 @@ class MaskedDataModeling(nn.Module):
         super().__init__()
         self.model = model
         self.weights = {"image": cfg.image_weight, "text": cfg.text_weight, "pair": cfg.pair_weight}
+        self.masked_only_last_layer = cfg.masked_only_last_layer
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -104,6 +108,7 @@ class MaskedDataModeling(nn.Module):
                 text_tokens=b.get("text_tokens"),
                 padding_mask=b.get("padding_mask"),
                 text_mask=b.get("text_mask"),
+                masked_only_last_layer=self.masked_only_last_layer,
             )
             parts = []
             if "mim" in logits:

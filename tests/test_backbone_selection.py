@@ -100,6 +100,7 @@ def test_pretraining_logits_come_from_the_masked_positions():
     image_mask = torch.rand(3, 16, generator=g) < 0.4
     text_mask = (torch.rand(3, 7, generator=g) < 0.5) & ~kwargs["text_padding_position"]
     logits = model(images=kwargs["visual_tokens"], image_mask=image_mask, text_tokens=kwargs["textual_tokens"],
+                   masked_only_last_layer=True,
                    padding_mask=kwargs["text_padding_position"], text_mask=text_mask)
     full = model.beit3(**kwargs, vision_masked_position=image_mask)["encoder_out"]
     torch.testing.assert_close(logits["mim"], model.mim_head(full[:, 1:VISION][image_mask]), atol=2e-6, rtol=1e-5)

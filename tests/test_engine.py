@@ -54,6 +54,25 @@ def test_param_groups_no_decay_frozen_and_layer_decay():
     assert len(plain) == 2 and {g["lr_scale"] for g in plain} == {1.0}
 
 
+def test_fused_adamw_option_takes_the_same_steps():
+    from beit3.engine import build_optimizer
+
+    params = {}
+    for fused in (False, True):
+        model = make_model()
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused))
+        assert bool(opt.defaults["fused"]) is fused
+        for step in range(3):
+            opt.zero_grad()
+            torch.manual_seed(step)
+            model.patch(torch.randn(2, model.patch.in_features)).square().sum().backward()
+            opt.step()
+        params[fused] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in params[False].items():
+        torch.testing.assert_close(params[True][name], value, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(params[True]["patch.weight"], make_model().patch.weight)  # the steps did move it
+
+
 def test_param_groups_drop_empty_groups_without_hooks():
     model = torch.nn.Sequential(torch.nn.LayerNorm(4))  # only ndim<=1 params: the decay group is empty
     groups = param_groups(model, OptimConfig(layer_decay=0.5))  # no get_layer_id: layer decay not applied

@@ -112,6 +112,14 @@ def test_objective_matches_an_independent_computation():
     assert metrics["num_samples"].item() == 12
 
 
+def test_masked_only_last_layer_gives_the_same_loss():
+    model = _model().eval()
+    batch = next(iter(_inputs()))
+    full, _ = MaskedDataModeling(model, ObjectiveConfig())(batch)
+    masked_only, _ = MaskedDataModeling(model, ObjectiveConfig(masked_only_last_layer=True))(batch)
+    torch.testing.assert_close(masked_only, full, atol=1e-5, rtol=1e-5)
+
+
 def test_masks_are_a_function_of_seed_rank_and_step_and_resume_exactly():
     a = _inputs()
     it = iter(a)

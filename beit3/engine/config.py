@@ -75,6 +75,7 @@ class OptimConfig:
     eps: float = 1e-6
     layer_decay: float = 1.0
     head_lr_weight: float = 1.0
+    fused: bool = False  # PyTorch's fused AdamW kernel (CPU and CUDA): faster, rounds differently from the default
 
     def __post_init__(self):
         if self.lr < 0:

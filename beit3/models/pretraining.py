@@ -16,8 +16,9 @@ from .registry import register_model_class
 class BEiT3ForPretraining(nn.Module):
     """Backbone + MIM head (``codebook_size`` classes) + MLM head (``vocab_size`` classes).
 
-    Only masked positions are computed past the last layer's keys and values (``BEiT3(output_positions=...)``) and
-    only they reach the heads, so neither the last layer nor the 64k-way MLM head spends work on the unmasked majority.
+    Only masked positions reach the heads, so the 64k-way MLM head spends no work on the unmasked majority; with
+    ``masked_only_last_layer`` the last layer too computes only them past its keys and values
+    (``BEiT3(output_positions=...)``).
     """
 
     def __init__(self, config: BEiT3Config, codebook_size: int = 8192):
@@ -46,27 +47,31 @@ class BEiT3ForPretraining(nn.Module):
         text_tokens: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
         text_mask: Optional[torch.Tensor] = None,
+        masked_only_last_layer: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Encode an image, text or image-text batch; return MIM logits of the masked patches (row-major, in batch
-        order) and MLM logits of the masked text positions."""
-        needed = []  # positions whose output a head reads: masked patches (never the CLS), masked text tokens
-        if images is not None:
-            batch = images.shape[0]
-            patches = image_mask.bool() if image_mask is not None else images.new_zeros(batch, self.config.num_patches, dtype=torch.bool)
-            needed += [patches.new_zeros(batch, 1), patches]
-        if text_tokens is not None:
-            needed.append(text_mask.bool() if text_mask is not None else torch.zeros_like(text_tokens, dtype=torch.bool))
-        rows = self.beit3(
-            textual_tokens=text_tokens,
-            visual_tokens=images,
-            text_padding_position=padding_mask,
-            vision_masked_position=image_mask,
-            output_positions=torch.cat(needed, dim=1),
-        )["encoder_out"]
-        num_mim = 0 if image_mask is None else int(image_mask.sum())
+        order) and MLM logits of the masked text positions. ``masked_only_last_layer``: compute the last layer past its
+        keys and values only at those positions (same logits up to rounding, fewer FLOPs)."""
+        kwargs = dict(textual_tokens=text_tokens, visual_tokens=images, text_padding_position=padding_mask,
+                      vision_masked_position=image_mask)
+        if masked_only_last_layer:
+            read = []  # positions a head reads: masked patches (never the CLS), masked text tokens
+            if images is not None:
+                patches = image_mask if image_mask is not None else images.new_zeros(images.shape[0], self.config.num_patches)
+                read += [patches.new_zeros(images.shape[0], 1).bool(), patches.bool()]
+            if text_tokens is not None:
+                read.append(text_mask.bool() if text_mask is not None else torch.zeros_like(text_tokens, dtype=torch.bool))
+            rows = self.beit3(**kwargs, output_positions=torch.cat(read, dim=1))["encoder_out"]
+            num_mim = 0 if image_mask is None else int(image_mask.sum())
+            vision_rows, text_rows = rows[:num_mim], rows[num_mim:]
+        else:
+            features = self.beit3(**kwargs)["encoder_out"]
+            vision_len = 0 if images is None else self.beit3.vision_embed.num_position_embeddings()
+            vision_rows = None if image_mask is None else features[:, 1:vision_len][image_mask.bool()]
+            text_rows = None if text_mask is None else features[:, vision_len:][text_mask.bool()]
         logits = {}
         if image_mask is not None:
-            logits["mim"] = self.mim_head(rows[:num_mim])
+            logits["mim"] = self.mim_head(vision_rows)
         if text_mask is not None:
-            logits["mlm"] = self.mlm_head(rows[num_mim:])
+            logits["mlm"] = self.mlm_head(text_rows)
         return logits
