@@ -195,23 +195,12 @@ class MultiwayAttention(SequenceParts):
         attn_bias: Optional[torch.Tensor] = None,
         incremental_state: Optional[dict] = None,
     ) -> list[torch.Tensor]:
-        """Attention over the sequence given as its per-modality parts; returns the output parts.
-
-        q, k and v of each part come from one matmul with the expert's q/k/v weights concatenated at use (the
-        parameters keep the official names and layout), the parts are joined once for the joint softmax.
-        """
+        """Attention over the sequence given as its per-modality parts; returns the output parts (q, k and v: see
+        :meth:`_project`; the parts are joined once for the joint softmax)."""
         batch = parts[0].shape[0]
         dim = self.num_heads * self.head_dim
-        qkv = []
-        for q_e, k_e, v_e, part in zip(
-            self.q_proj.experts(split), self.k_proj.experts(split), self.v_proj.experts(split), parts
-        ):
-            weight = torch.cat([q_e.weight, k_e.weight, v_e.weight])
-            bias = torch.cat([q_e.bias, k_e.bias, v_e.bias])
-            qkv.append(F.linear(part, weight, bias))
-        qkv = join_parts(qkv)
-        length = qkv.shape[1]
-        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._project(parts, split, (self.q_proj, self.k_proj, self.v_proj))
+        length = q.shape[2]
         if incremental_state is not None:
             if "prev_key" in incremental_state:
                 k = torch.cat([incremental_state["prev_key"].to(k.dtype), k], dim=2)
@@ -238,16 +227,10 @@ class MultiwayAttention(SequenceParts):
         Keys and values come from every position; queries, softmax rows, ``inner_attn_ln`` and ``out_proj`` are
         computed for the selected positions alone (the rows equal those of :meth:`forward_parts`).
         """
+        batch = parts[0].shape[0]
         dim = self.num_heads * self.head_dim
-        queries, kv = [], []
-        experts = zip(self.q_proj.experts(split), self.k_proj.experts(split), self.v_proj.experts(split))
-        for (q_e, k_e, v_e), part, rows in zip(experts, parts, selection.rows(parts)):
-            kv.append(F.linear(part, torch.cat([k_e.weight, v_e.weight]), torch.cat([k_e.bias, v_e.bias])))
-            queries.append(q_e(rows))
-        kv = join_parts(kv)
-        batch, length = kv.shape[:2]
-        k, v = kv.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = selection.to_grid(queries).view(batch, selection.width, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self._project(parts, split, (self.k_proj, self.v_proj))
+        (q,) = self._heads(selection.to_grid(self.q_proj.forward_parts(selection.rows(parts), split)))
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
             if attn_bias.shape[-2] > 1:  # one bias row per query: keep the selected queries' rows
@@ -257,6 +240,20 @@ class MultiwayAttention(SequenceParts):
         out = attention(q, k, v, attn_bias).transpose(1, 2).reshape(batch, selection.width, dim)
         out_parts = self.inner_attn_ln.forward_parts(selection.from_grid(out), split)
         return self.out_proj.forward_parts(out_parts, split)
+
+    def _project(self, parts: list[torch.Tensor], split: int, projections: tuple) -> list[torch.Tensor]:
+        """Each part through its experts of the routed ``projections`` in one matmul (their weights concatenated at
+        use, so the parameters keep the official names and layout); each projection as (B, heads, L, head_dim)."""
+        joined = join_parts([
+            F.linear(part, torch.cat([e.weight for e in experts]), torch.cat([e.bias for e in experts]))
+            for part, experts in zip(parts, zip(*(p.experts(split) for p in projections)))
+        ])
+        return list(self._heads(joined, len(projections)))
+
+    def _heads(self, x: torch.Tensor, count: int = 1) -> tuple[torch.Tensor, ...]:
+        """(B, L, count * dim) -> ``count`` tensors of (B, heads, L, head_dim)."""
+        batch, length = x.shape[:2]
+        return x.view(batch, length, count, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
