@@ -284,3 +284,23 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="attn_mask has shape"):
         model(textual_tokens=torch.zeros(1, 4, dtype=torch.long), attn_mask=torch.zeros(3, 3))
 
+
+
+def test_initialisation_options_official_by_default():
+    torch.manual_seed(0)
+    official = beit3.create_model("beit3_tiny_patch8_32", embed_dim=128, ffn_dim=512)
+    q = official.encoder.layers[0].self_attn.q_proj.A.weight
+    assert q.abs().max() <= 0.02 + 1e-7 and 0.009 < q.std() < 0.012  # trunc-normal(0.02) cut at ±1 std
+    assert 0.9 < official.encoder.embed_positions.B.weight.std() < 1.1  # nn.Embedding's N(0, 1)
+    torch.manual_seed(0)
+    scaled = beit3.create_model("beit3_tiny_patch8_32", embed_dim=128, ffn_dim=512, init_truncation=2.0,
+                                position_init_std=0.02)
+    q = scaled.encoder.layers[0].self_attn.q_proj.A.weight
+    assert q.abs().max() <= 0.04 + 1e-7 and 0.016 < q.std() < 0.019
+    for table in (scaled.encoder.embed_positions.A, scaled.encoder.embed_positions.B):
+        assert 0.018 < table.weight.std() < 0.022
+    vqa = beit3.create_model("beit3_tiny_patch8_32_vqav2", embed_dim=128, ffn_dim=512, num_classes=10, head_init="xavier")
+    bound = (6 / (128 + 256)) ** 0.5
+    assert vqa.head[0].weight.abs().max() > 0.5 * bound and vqa.head[0].weight.abs().max() <= bound
+    with pytest.raises(ValueError, match="head_init"):
+        beit3.create_model("beit3_tiny_patch8_32", head_init="kaiming")

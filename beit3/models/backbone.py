@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -51,6 +52,12 @@ class BEiT3Config:
     checkpoint_activations: bool = False
     share_attention: bool = False  # paper/VLMo variant: one attention for both modalities
     vl_expert_layers: int = 0  # paper variant: vision-language FFN experts in the top K layers
+    # Initialisation only (a loaded checkpoint replaces it). Official: every Linear trunc-normal(0.02) cut at ±1 std
+    # (actual std 0.011) and both position tables N(0, 1) (nn.Embedding's default), which outweigh the text
+    # embeddings (std embed_dim^-0.5) 11x at width 128 and 28x at 768. README "Grounding".
+    init_truncation: float = 1.0
+    position_init_std: float = 1.0
+    head_init: str = "official"  # task and pretraining heads: "official" or "xavier" (see heads.init_head)
 
     def __post_init__(self) -> None:
         positive = ("embed_dim", "depth", "num_heads", "ffn_dim", "img_size", "patch_size", "in_chans", "vocab_size")
@@ -65,6 +72,10 @@ class BEiT3Config:
             raise ValueError(f"model config 'max_text_positions' must exceed {POSITION_OFFSET}, got {self.max_text_positions}")
         if not 0 <= self.vl_expert_layers <= self.depth:
             raise ValueError(f"model config 'vl_expert_layers' must be in [0, depth={self.depth}], got {self.vl_expert_layers}")
+        if self.head_init not in ("official", "xavier"):
+            raise ValueError(f"model config 'head_init' must be 'official' or 'xavier', got '{self.head_init}'")
+        if self.init_truncation <= 0 or self.position_init_std <= 0:
+            raise ValueError("model config 'init_truncation' and 'position_init_std' must be positive")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model config 'drop_path_rate' must be in [0, 1), got {self.drop_path_rate}")
 
@@ -277,8 +288,11 @@ class BEiT3(nn.Module):
         self.text_embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.vision_embed = VisionEmbedding(config.img_size, config.patch_size, config.in_chans, config.embed_dim)
         self.encoder = Encoder(config)
-        self.apply(init_linear_and_norm)
+        self.apply(partial(init_linear_and_norm, cut=config.init_truncation))
         nn.init.normal_(self.text_embed.weight, mean=0.0, std=config.embed_dim**-0.5)
+        if config.position_init_std != 1.0:  # else keep nn.Embedding's own N(0, 1) draw (official init, same RNG use)
+            for table in (self.encoder.embed_positions.A, self.encoder.embed_positions.B):
+                nn.init.normal_(table.weight, mean=0.0, std=config.position_init_std)
 
     # -- helpers used by training code -------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:

@@ -51,6 +51,10 @@ class BEiT3TaskModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.beit3.set_grad_checkpointing(enable)
 
+    def init_head(self, module: nn.Module, *scaled: nn.Linear, scale: float = 0.001) -> None:
+        """:func:`init_head` with this model's ``config.head_init`` scheme."""
+        init_head(module, *scaled, scale=scale, scheme=self.config.head_init)
+
 
 class Pooler(nn.Module):
     """Official pooler: LayerNorm of token 0 (the vision CLS), then Linear and tanh. Keys ``norm``, ``dense``."""
@@ -81,10 +85,20 @@ class TwoLayerMLP(nn.Module):
         return self.dense2(self.act(self.norm2(self.dense1(self.norm1(x)))))
 
 
-def init_head(module: nn.Module, *scaled: nn.Linear, scale: float = 0.001) -> None:
-    """Official head init (trunc-normal 0.02 Linear, unit LayerNorm), then multiply weight and bias of the
-    ``scaled`` Linear layers by ``scale`` (classification and NLVR2 heads)."""
-    module.apply(init_linear_and_norm)
+def _xavier_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    else:
+        init_linear_and_norm(module)
+
+
+def init_head(module: nn.Module, *scaled: nn.Linear, scale: float = 0.001, scheme: str = "official") -> None:
+    """Head init, then multiply weight and bias of the ``scaled`` Linear layers by ``scale`` (classification and
+    NLVR2 heads). ``official``: trunc-normal(0.02) cut at ±1 std (actual std 0.011) Linear, unit LayerNorm;
+    ``xavier``: xavier-uniform Linear weights, which keep the activations' scale through a head (``head_init``)."""
+    module.apply(init_linear_and_norm if scheme == "official" else _xavier_linear_and_norm)
     with torch.no_grad():
         for linear in scaled:
             linear.weight.mul_(scale)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import POSITION_OFFSET, BEiT3Config
-from ..heads import BEiT3TaskModel, check_batch, init_head
+from ..heads import BEiT3TaskModel, check_batch
 from ..registry import register_model, register_model_class
 
 
@@ -41,7 +41,7 @@ class BEiT3ForCaptioning(BEiT3TaskModel):
     def __init__(self, config: BEiT3Config):
         super().__init__(config)
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
-        init_head(self.mlm_head)
+        self.init_head(self.mlm_head)
 
     def forward(
         self,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..backbone import BEiT3Config
-from ..heads import BEiT3TaskModel, check_batch, init_head
+from ..heads import BEiT3TaskModel, check_batch
 from ..registry import register_model, register_model_class
 
 
@@ -24,9 +24,9 @@ class BEiT3ForImageClassification(BEiT3TaskModel):
         dim = config.embed_dim
         self.fc_norm = nn.LayerNorm(dim, eps=config.layernorm_eps)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        init_head(self.fc_norm)
+        self.init_head(self.fc_norm)
         if num_classes > 0:
-            init_head(self.head, self.head)
+            self.init_head(self.head, self.head)
 
     def forward_features(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled image features (B, D): LayerNorm of the mean patch token."""

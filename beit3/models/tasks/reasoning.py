@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..backbone import BEiT3Config
-from ..heads import BEiT3TaskModel, TwoLayerMLP, check_batch, cls_features, init_head
+from ..heads import BEiT3TaskModel, TwoLayerMLP, check_batch, cls_features
 from ..registry import register_model, register_model_class
 
 
@@ -20,7 +20,7 @@ class BEiT3ForVisualReasoning(BEiT3TaskModel):
         super().__init__(config, num_classes=num_classes)
         dim = config.embed_dim
         self.head = TwoLayerMLP(dim * 4, dim * 2, num_classes, config.layernorm_eps)
-        init_head(self.head, self.head.dense1, self.head.dense2)
+        self.init_head(self.head, self.head.dense1, self.head.dense2)
 
     def forward(
         self, image_a: torch.Tensor, image_b: torch.Tensor, text_description: torch.Tensor, padding_mask: torch.Tensor, **kwargs

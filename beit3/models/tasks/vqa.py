@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import BEiT3Config
-from ..heads import BEiT3TaskModel, Pooler, check_batch, init_head
+from ..heads import BEiT3TaskModel, Pooler, check_batch
 from ..registry import register_model, register_model_class
 
 VQAV2_NUM_ANSWERS = 3129
@@ -29,8 +29,8 @@ class BEiT3ForVisualQuestionAnswering(BEiT3TaskModel):
         self.head = nn.Sequential(
             nn.Linear(dim, dim * 2), nn.LayerNorm(dim * 2, eps=eps), nn.GELU(), nn.Linear(dim * 2, num_classes)
         )
-        init_head(self.pooler)
-        init_head(self.head)
+        self.init_head(self.pooler)
+        self.init_head(self.head)
 
     def forward(self, image: torch.Tensor, question: torch.Tensor, padding_mask: torch.Tensor, **kwargs) -> torch.Tensor:
         check_batch("image", image, 4)
