@@ -53,6 +53,9 @@ def test_coco_karpathy(tmp_path, spm_path):
         {"image_path": "val2014/COCO_val2014_000000000003.jpg", "text_segment": None, "image_id": 103}]
     gt = json.loads((out / "coco_karpathy_val_gt.json").read_text())
     assert len(gt["annotations"]) == 2 and gt["images"][0]["id"] == 102
+    # the captions as plain corpora: the pretraining text stream and its held-out counterpart
+    assert (out / "coco_captions.txt").read_text().splitlines() == ["a man riding a horse", "two people on the beach"] * 2
+    assert len((out / "coco_captions.val.txt").read_text().splitlines()) == 2
     cfg = PretrainDataConfig(root=str(out), image_batch=0, text_batch=0, pair_batch=2, image_size=8,
                              tokenizer_image_size=8, num_workers=0, max_skip_fraction=0.0)
     batch = next(iter(build_pretrain_batches(cfg, tok)))
@@ -65,7 +68,8 @@ def test_flickr30k_karpathy(tmp_path, spm_path):
     images = [{"filename": "1.jpg", "split": s, "sentences": [{"raw": "a dog on the beach"}]} for s in ("train", "val")]
     (src / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
     counts = convert_dataset("flickr30k_karpathy", src, out, spm_path)
-    assert counts == {"flickr30k.train.jsonl": 1, "flickr30k.val.jsonl": 1, "flickr30k.test.jsonl": 0}
+    assert counts == {"flickr30k.train.jsonl": 1, "flickr30k.val.jsonl": 1, "flickr30k.test.jsonl": 0,
+                      "flickr30k_captions.txt": 1, "flickr30k_captions.val.txt": 1}
     item = read_jsonl(out / "flickr30k.val.jsonl")[0]
     assert item["image_path"] == "flickr30k-images/1.jpg" and (out / item["image_path"]).is_file()
 
@@ -138,3 +142,26 @@ def test_imagenet_via_tool(tmp_path):
     cfg = PretrainDataConfig(root=str(out), image_batch=2, text_batch=0, pair_batch=0, image_size=8,
                              tokenizer_image_size=8, num_workers=0)
     assert next(iter(build_pretrain_batches(cfg, None)))["image"]["image"].shape == (2, 3, 8, 8)
+
+
+def test_photo_release_is_a_coco_karpathy_release(tmp_path):
+    """Real photographs (scikit-image / scikit-learn) in the raw Karpathy layout, read by the converter."""
+    pytest.importorskip("skimage")
+    from beit3.data.photos import make_photo_release
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    summary = make_photo_release(raw, num_images=20, image_size=32, seed=1)
+    assert summary["splits"] == {"train": 16, "val": 2, "test": 2} and len(summary["nouns"]) == 10
+    spm = train_text_tokenizer([raw / "captions.txt", raw / "words.txt"], tmp_path / "spm", vocab_size=60,
+                               hard_vocab_limit=False)
+    counts = convert_dataset("coco_karpathy", raw, out, spm)
+    assert counts["coco_retrieval.train.jsonl"] == 80 and counts["coco_retrieval.val.jsonl"] == 10
+    item = read_jsonl(out / "coco_retrieval.val.jsonl")[0]
+    tok = TextTokenizer.from_file(out / "beit3.spm")
+    caption = tok.decode(item["text_segment"])
+    assert any(noun in caption for noun in summary["nouns"])
+    with Image.open(out / item["image_path"]) as image:
+        assert image.size == (32, 32)
+    again = tmp_path / "again"
+    make_photo_release(again, num_images=20, image_size=32, seed=1)
+    assert (again / "dataset_coco.json").read_text() == (raw / "dataset_coco.json").read_text()

@@ -60,8 +60,19 @@ def convert_coco_karpathy(src: Path, out: Path, tokenizer: TextTokenizer) -> dic
             out / f"coco_captioning.{split}.jsonl", indexes.captioning_items(entries, split == "train", tokenizer))
         if split != "train":
             (out / f"coco_karpathy_{split}_gt.json").write_text(json.dumps(indexes.caption_ground_truth(entries)))
+        counts.update(_write_caption_corpus(out, "coco_captions", split, [c for _, _, caps in entries for c in caps]))
     link_image_folders(src, out, [im["filepath"] for im in images])
     return counts
+
+
+def _write_caption_corpus(out: Path, stem: str, split: str, captions: list[str]) -> dict[str, int]:
+    """The captions of a split as a plain corpus, one per line (the pretraining text stream and its held-out
+    counterpart): ``STEM.txt`` for train, ``STEM.val.txt`` for val."""
+    if split not in ("train", "val"):
+        return {}
+    name = f"{stem}.txt" if split == "train" else f"{stem}.val.txt"
+    (out / name).write_text("".join(c.replace("\n", " ") + "\n" for c in captions if c))
+    return {name: len(captions)}
 
 
 def convert_flickr30k_karpathy(src: Path, out: Path, tokenizer: TextTokenizer) -> dict[str, int]:
@@ -73,6 +84,7 @@ def convert_flickr30k_karpathy(src: Path, out: Path, tokenizer: TextTokenizer) -
                    for im in images if im["split"] in raw_splits]
         counts[f"flickr30k.{split}.jsonl"] = indexes.write_jsonl(
             out / f"flickr30k.{split}.jsonl", indexes.retrieval_items(entries, tokenizer))
+        counts.update(_write_caption_corpus(out, "flickr30k_captions", split, [c for _, caps in entries for c in caps]))
     link_image_folders(src, out, ["flickr30k-images"])
     return counts
 

@@ -69,8 +69,9 @@ Every file below is in the official BEiT-3 index layout, image paths relative to
 - vqa.{train,val,test}.jsonl, answer2label.txt   questions on colour/shape/count/existence/relation, soft scores
 - nlvr2.{train,dev,test-P}.index.jsonl       two images + statement, label 1/0
 - imagenet/{train,val}/CLASS/*.jpg + imagenet.{train,val}.index.jsonl   classes = shape of the large object
-- corpus.txt, beit3.spm                      text corpus (one sentence per line) and SentencePiece model
-- words.txt                                  the corpus's distinct words, one per line (second input of beit3.spm)
+- corpus.txt, beit3.spm                      text corpus of the train split (one sentence per line), SentencePiece model
+- corpus.val.txt                             the val split's captions (held-out text for the pretraining evaluation)
+- words.txt                                  the distinct words of all splits, one per line (second input of beit3.spm)
 - shards/NNNNN.tar (+ _stats.json)           WebDataset image-text pairs (key.jpg, key.txt, key.json)
 """
 
@@ -117,10 +118,15 @@ def make_demo_data(out: str | Path, num_images: int = 400, image_size: int = 64,
                 statements[split].append((i, j, sentence, label, f"{NLVR2_SPLITS[split]}-{i}-{j}-{k}"))
     vqa = [(r, q, answers) for r in records for q, answers in questions(scenes[r["image_id"]], rng, questions_per_image)]
 
-    corpus = ([c for r in records for c in r["captions"]] + [s[2] for split in SPLITS for s in statements[split]]
-              + [q for _, q, _ in vqa])
+    def split_text(split: str) -> list[str]:
+        return ([c for r in records if r["split"] == split for c in r["captions"]]
+                + [s[2] for s in statements[split]] + [q for r, q, _ in vqa if r["split"] == split])
+
+    # the text stream trains on the train split's sentences only: held-out captions stay unseen (corpus.val.txt)
+    corpus = split_text("train")
     (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
-    (out / "words.txt").write_text("\n".join(corpus_words(corpus)) + "\n")
+    (out / "corpus.val.txt").write_text("\n".join(c for r in records if r["split"] == "val" for c in r["captions"]) + "\n")
+    (out / "words.txt").write_text("\n".join(corpus_words([t for split in SPLITS for t in split_text(split)])) + "\n")
     spm_path = train_text_tokenizer([out / "corpus.txt", out / "words.txt"], out / "beit3", vocab_size)
     spm_path.replace(out / "beit3.spm")
     (out / "beit3.vocab").unlink()
@@ -160,7 +166,7 @@ def make_demo_data(out: str | Path, num_images: int = 400, image_size: int = 64,
     manifest = {
         "kind": "beit3-demo", "seed": seed, "image_size": image_size, "num_images": num_images,
         "classes": classes, "num_answers": len(answer2label), "text_vocab_size": tok.vocab_size,
-        "text_tokenizer": "beit3.spm", "corpus": "corpus.txt", "shards": shards,
+        "text_tokenizer": "beit3.spm", "corpus": "corpus.txt", "val_corpus": "corpus.val.txt", "shards": shards,
         "samples_per_shard": -(-len(pairs) // num_shards), "index_lines": counts,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

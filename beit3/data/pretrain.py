@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class PretrainDataConfig:
     tokenizer_image_size: int = 224
     min_crop_scale: float = 0.2
     color_jitter: float = 0.4
+    hflip: bool = True  # random horizontal flip (off for data whose text speaks of left and right)
     max_text_len: int = 64
     codes_dir: str = ""  # precomputed visual codes (tools/tokenize_dataset.py), relative to root; "" = online tokenizer
     num_workers: int = 2
@@ -105,6 +107,7 @@ class _Stream:
         for attempt in range(self.max_replacements + 1):
             try:
                 sample = self.source.load(index)
+                sample["image_key"] = sample.get("image_path", index)
                 rng = random.Random(derive_seed(self.seed, self.code, rank, step, slot, attempt))
                 if "image" in sample:
                     sample["view"], sample["target"] = image_views(sample, rng)
@@ -151,17 +154,19 @@ class PretrainStepDataset(Dataset):
         batch, skips = {}, Counter()
         target = "tokenizer_image" if self.codes is None else "codes"
         for stream in self.streams:
-            images, targets, texts = [], [], []
+            images, targets, texts, keys = [], [], [], []
             for slot in range(stream.batch):
                 sample, rng = stream.load(self.rank, self.world_size, step, slot, skips, self._image_views)
                 if "view" in sample:
                     images.append(sample["view"])
                     targets.append(sample["target"])
+                    keys.append(zlib.crc32(str(sample["image_key"]).encode()))
                 if "text_ids" in sample:
                     texts.append(sample["text_ids"])
             out = {}
             if images:
                 out["image"], out[target] = torch.stack(images), torch.stack(targets)
+                out["image_id"] = torch.tensor(keys, dtype=torch.long)  # equal for two captions of one image
             if texts:
                 out["text_tokens"], out["padding_mask"] = self.tokenizer.pad_ids(texts, self.max_text_len)
             batch[stream.name] = out
@@ -247,7 +252,8 @@ def build_pretrain_batches(cfg: PretrainDataConfig, text_tokenizer: TextTokenize
     streams = [_Stream(name, openers[name](), sizes[name], seed, cfg.max_replacements) for name in STREAMS if sizes[name]]
     for stream in streams:
         stream.probe()
-    transform = TwoViewTransform(cfg.image_size, cfg.tokenizer_image_size, cfg.min_crop_scale, cfg.color_jitter)
+    transform = TwoViewTransform(cfg.image_size, cfg.tokenizer_image_size, cfg.min_crop_scale, cfg.color_jitter,
+                                 hflip=cfg.hflip)
     codes = PrecomputedCodes(root / cfg.codes_dir, cfg.image_size) if cfg.codes_dir else None
     dataset = PretrainStepDataset(streams, transform, text_tokenizer, cfg.max_text_len, rank, world_size, codes)
     return PretrainBatches(dataset, cfg.num_workers, cfg.prefetch_factor, cfg.max_skip_fraction,

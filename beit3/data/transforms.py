@@ -56,22 +56,24 @@ def color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Ima
 
 
 class TwoViewTransform:
-    """Pretraining transform: shared crop/jitter/flip; returns (model view normalised, tokenizer view in [0, 1])."""
+    """Pretraining transform: shared crop/jitter/flip; returns (model view normalised, tokenizer view in [0, 1]).
+    ``hflip=False`` for data whose text speaks of left and right."""
 
     def __init__(self, image_size: int, tokenizer_image_size: int, min_crop_scale: float = 0.2,
                  color_jitter_strength: float = 0.4, mean: Sequence[float] = BEIT3_MEAN,
-                 std: Sequence[float] = BEIT3_STD):
+                 std: Sequence[float] = BEIT3_STD, hflip: bool = True):
         if not 0 < min_crop_scale <= 1:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}")
         self.image_size = image_size
         self.tokenizer_image_size = tokenizer_image_size
         self.scale = (min_crop_scale, 1.0)
         self.color_jitter_strength = color_jitter_strength
+        self.hflip = hflip
         self.normalize = T.Normalize(mean, std)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         image = color_jitter(image, self.color_jitter_strength, rng)
-        if rng.random() < 0.5:
+        if self.hflip and rng.random() < 0.5:
             image = F.hflip(image)
         top, left, h, w = sample_crop_box(image.width, image.height, rng, self.scale)
         size, tok_size = [self.image_size] * 2, [self.tokenizer_image_size] * 2
