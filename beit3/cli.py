@@ -21,19 +21,28 @@ def _fail(err: Exception) -> int:
 
 
 def make_demo_data_main(argv: Argv = None) -> int:
-    """Generate the procedural demo data root (images, BEiT-3 index files, corpus, beit3.spm, WebDataset shards)."""
+    """Generate the procedural demo data root (images, BEiT-3 index files, corpus, beit3.spm, WebDataset shards), or
+    with --photos a COCO Karpathy raw release of real photographs (for tools/convert_dataset.py coco_karpathy)."""
     from beit3.data.demo import make_demo_data
+    from beit3.data.photos import make_photo_release
 
     parser = argparse.ArgumentParser(description=make_demo_data_main.__doc__)
-    parser.add_argument("--out", required=True, help="output data root")
+    parser.add_argument("--out", required=True, help="output data root (with --photos: the raw release folder)")
     parser.add_argument("--num-images", type=int, default=400)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=None, help="default 64 (demo scenes), 128 (--photos)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=4)
+    parser.add_argument("--photos", action="store_true",
+                        help="real photographs shipped by scikit-image / scikit-learn, captioned with their names")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = make_demo_data(args.out, args.num_images, args.image_size, args.seed, num_shards=args.num_shards)
-    print(json.dumps(manifest["index_lines"], indent=1))
+    if args.photos:
+        summary = make_photo_release(args.out, args.num_images, args.image_size or 128, args.seed)
+        print(json.dumps(summary, indent=1))
+    else:
+        manifest = make_demo_data(args.out, args.num_images, args.image_size or 64, args.seed,
+                                  num_shards=args.num_shards)
+        print(json.dumps(manifest["index_lines"], indent=1))
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -136,4 +145,61 @@ def export_checkpoint_main(argv: Argv = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         return _fail(err)
     print(f"exported to {out}")
+    return 0
+
+
+def probe_pretrained_main(argv: Argv = None) -> int:
+    """Held-out masked-data-modeling evaluation and grounding probe of a pretrained checkpoint; writes a JSON report.
+
+    python tools/probe_pretrained.py --checkpoint runs/demo/pretrained --data-root runs/demo/data \\
+        --tokenizer runs/demo/tokenizer --config configs/pretrain/demo.yaml --out probe.json
+    python tools/probe_pretrained.py --checkpoint beit3_base_patch16_224.pth --model beit3_base_patch16_224 \\
+        --data-root /data/coco --text-tokenizer beit3.spm --tokenizer vqkd_encoder_base_decoder_3x768x12_clip.pth \\
+        --probe-words colour=red,green,blue,yellow,white,black --out probe.json
+
+    Held-out sources, probe words and masking come from the pretraining config (``eval:``, ``objective.masking``,
+    ``data.*`` sources: their val-split files) when --config is given; --set overrides its keys.
+    """
+    from beit3.config import ConfigError, load_config
+    from beit3.models import CheckpointError
+    from beit3.probing import probe_pretrained
+    from beit3.run_pretraining import PretrainConfig
+
+    parser = argparse.ArgumentParser(description=probe_pretrained_main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="export directory, beit3_pretrained.pth or an official .pth")
+    parser.add_argument("--data-root", required=True, help="data root holding the held-out index files")
+    parser.add_argument("--model", default="", help="architecture of a bare .pth, e.g. beit3_base_patch16_224")
+    parser.add_argument("--tokenizer", default="", help="visual tokenizer (ours or an official VQ-KD .pth); without "
+                        "it only the text metrics are measured")
+    parser.add_argument("--text-tokenizer", default="", help="SentencePiece model (default: DATA_ROOT/beit3.spm)")
+    parser.add_argument("--config", default=None, help="pretraining YAML whose eval/masking/data sections to use")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="override a key of that config, e.g. --set eval.max_samples=512")
+    parser.add_argument("--probe-words", metavar="CLASS=W1,W2", nargs="+", action="extend", default=[],
+                        help="a probe word class (repeatable), e.g. colour=red,green,blue")
+    parser.add_argument("--out", required=True, help="JSON report to write")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        for spec in args.probe_words:
+            name, sep, words = spec.partition("=")
+            if not sep or not name or not words:
+                raise ConfigError(f"--probe-words '{spec}': expected CLASS=WORD1,WORD2,...")
+            cfg.eval.probe_words[name] = [w for w in words.split(",") if w]
+        report = probe_pretrained(
+            args.checkpoint, args.data_root, model_name=args.model, visual_tokenizer=args.tokenizer,
+            text_tokenizer=args.text_tokenizer, eval_cfg=cfg.eval, masking=cfg.objective.masking,
+            train_sources={"image": cfg.data.image_source, "pair": cfg.data.pair_source,
+                           "text": cfg.data.text_sources[0] if cfg.data.text_sources else ""},
+            max_text_len=cfg.data.max_text_len)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        return _fail(err)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    from beit3.probing import eval_summary_line
+
+    print(eval_summary_line(-1, report["metrics"]).replace("step -1", "checkpoint"))
+    print(f"wrote {out}")
     return 0

@@ -45,6 +45,11 @@ def loss_keys(records: list[dict]) -> list[str]:
     return sorted(keys, key=lambda k: (k != "loss", k))
 
 
+def gap_keys(records: list[dict]) -> list[str]:
+    """The held-out evaluation's gap fields (``eval_*gap``: grounding gap, word-class probes) present in ``records``."""
+    return sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("gap")})
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masking import BlockMaskGenerator, MaskingConfig, mask_text
+from .models.contrastive import clip_loss, matching_batch, sample_hard_negatives
 from .models.pretraining import BEiT3ForPretraining
 
 STREAMS = ("image", "text", "pair")
@@ -37,6 +38,22 @@ class ObjectiveConfig:
     # the last layer only at masked positions (exact; 4% fewer FLOPs at base size): on in the base/large/giant configs,
     # off by default, because it rounds differently and the demo's small-sample fine-tuning comparisons flip with that
     masked_only_last_layer: bool = False
+    # VLMo/ALBEF objectives on the pair stream beside masked data modeling (the BEiT-3 paper uses neither: 0):
+    # image-text contrast of the separately encoded image CLS and text BOS (features gathered across ranks), and
+    # image-text matching of the jointly encoded pair with hard negatives drawn from the contrastive similarities
+    itc_weight: float = 0.0
+    itm_weight: float = 0.0
+    itm_pairs: int = 0  # ITM on the first K pairs of each rank's batch (3K fused passes); 0 = all of them
+    # pair-stream MLM tokens weighted by (1 - p_target) ** gamma (focal): the words the caption's context already gives
+    # away stop dominating the loss of the words that need the image (README "Grounding"); 0 = plain cross-entropy
+    pair_mlm_focal_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.itc_weight, self.itm_weight, self.itm_pairs, self.pair_mlm_focal_gamma) < 0:
+            raise ValueError("objective.itc_weight, itm_weight, itm_pairs and pair_mlm_focal_gamma must be >= 0")
+        if self.itm_weight and not self.itc_weight:
+            raise ValueError("objective.itm_weight > 0 needs objective.itc_weight > 0: the matching loss draws its hard "
+                             "negatives from the contrastive similarities")
 
 
 STAGE_STREAMS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "joint": STREAMS}
@@ -69,9 +86,17 @@ def apply_stage(model: BEiT3ForPretraining, stage: Stage) -> None:
         param.requires_grad_(language and not attention)
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (fp32 softmax) and accuracy; ``max(-1).indices``, not ``argmax``: ~3x faster on CPU over 64k classes."""
-    loss = F.cross_entropy(logits.float(), targets)
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, focal_gamma: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (fp32 softmax) and accuracy; ``max(-1).indices``, not ``argmax``: ~3x faster on CPU over 64k classes.
+    ``focal_gamma`` > 0: each token's loss weighted by ``(1 - p_target) ** gamma`` (detached) and normalised by the
+    weights' sum, so tokens the model already predicts count little."""
+    if focal_gamma:
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        weight = (1 - torch.exp(-token_loss.detach())) ** focal_gamma
+        loss = (weight * token_loss).sum() / weight.sum().clamp_min(1e-6)
+    else:
+        loss = F.cross_entropy(logits.float(), targets)
     if not targets.numel():
         return loss, logits.new_zeros(())
     with torch.no_grad():
@@ -80,13 +105,16 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
 
 class MaskedDataModeling(nn.Module):
-    """Weighted sum of the per-stream masked-prediction losses; the module DeepSpeed trains."""
+    """Weighted sum of the per-stream masked-prediction losses, plus the optional image-text contrastive and
+    matching losses on the pair stream; the module DeepSpeed trains."""
 
     def __init__(self, model: BEiT3ForPretraining, cfg: ObjectiveConfig):
         super().__init__()
         self.model = model
         self.weights = {"image": cfg.image_weight, "text": cfg.text_weight, "pair": cfg.pair_weight}
         self.masked_only_last_layer = cfg.masked_only_last_layer
+        self.itc_weight, self.itm_weight, self.itm_pairs = cfg.itc_weight, cfg.itm_weight, cfg.itm_pairs
+        self.pair_mlm_focal_gamma = cfg.pair_mlm_focal_gamma
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -115,7 +143,8 @@ class MaskedDataModeling(nn.Module):
                 loss, acc = _cross_entropy(logits["mim"], b["codes"][b["image_mask"]])
                 parts.append(("image", loss, acc))
             if "mlm" in logits:
-                loss, acc = _cross_entropy(logits["mlm"], b["text_targets"][b["text_mask"]])
+                gamma = self.pair_mlm_focal_gamma if stream == "pair" else 0.0
+                loss, acc = _cross_entropy(logits["mlm"], b["text_targets"][b["text_mask"]], gamma)
                 parts.append(("text", loss, acc))
             stream_loss = sum(loss for _, loss, _ in parts)
             metrics[f"loss_{stream}"] = stream_loss.detach()
@@ -134,9 +163,39 @@ class MaskedDataModeling(nn.Module):
                 num_tokens += int((~b["padding_mask"].bool()).sum())
         if total is None:
             raise ValueError("a pretraining batch holds none of the streams 'image', 'text', 'pair'")
+        if self.itc_weight and "pair" in batch:
+            total = total + self._image_text_losses(batch["pair"], metrics)
         metrics["num_samples"] = torch.tensor(float(num_samples))
         metrics["num_tokens"] = torch.tensor(float(num_tokens))
         return total, metrics
+
+
+    def _image_text_losses(self, pair: dict, metrics: dict) -> torch.Tensor:
+        """VLMo/ALBEF losses of the unmasked pairs: ITC (gathered across ranks) and, with ``itm_weight``, ITM on B
+        positives and 2B hard negatives (another image's caption, another caption's image; two captions of one image,
+        ``image_id``, are never negatives of each other); ``itm_pairs`` = K < B: on the first K pairs only."""
+        images, texts, pads = pair["image"], pair["text_targets"], pair["padding_mask"]
+        out = self.model(images=images, text_tokens=texts, padding_mask=pads, head="contrastive")
+        image_features, text_features, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        itc = clip_loss(image_features, text_features, scale)
+        with torch.no_grad():
+            similarity = scale * image_features @ text_features.T  # this rank's pairs
+            local = torch.arange(len(images), device=images.device)
+            metrics["acc_itc"] = (similarity.max(dim=1).indices == local).float().mean()
+            metrics["itc_temperature"] = 1.0 / scale.detach()
+        metrics["loss_itc"] = itc.detach()
+        total = self.itc_weight * itc
+        if self.itm_weight:
+            ids = pair.get("image_id", local)
+            negative_text, negative_image = sample_hard_negatives(similarity, ids[:, None] == ids[None, :])
+            keep = slice(0, self.itm_pairs or len(images))  # negatives still drawn from the whole batch
+            inputs = matching_batch(images, texts, pads, negative_text[keep], negative_image[keep], keep)
+            logits = self.model(images=inputs[0], text_tokens=inputs[1], padding_mask=inputs[2], head="matching")["itm"]
+            itm = F.binary_cross_entropy_with_logits(logits.float(), inputs[3])
+            metrics["loss_itm"] = itm.detach()
+            metrics["acc_itm"] = ((logits.detach() > 0).float() == inputs[3]).float().mean()
+            total = total + self.itm_weight * itm
+        return total
 
 
 class PretrainInputs:
@@ -216,3 +275,19 @@ class PretrainInputs:
                 )
             out[stream] = b
         return out
+
+
+def visual_codes_fn(path: str, precision: str, device: torch.device, img_size: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
+    """The frozen tokenizer outside the engine at ``img_size`` px (positions resampled if it was trained at another
+    size): eval mode, no grad, bf16 autocast on GPU (fp32 code search)."""
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path, device=device, img_size=img_size).eval().requires_grad_(False)
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+    @torch.no_grad()
+    def codes(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return tok.get_codebook_indices(images.to(device, non_blocking=True))
+
+    return codes, tok

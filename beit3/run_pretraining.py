@@ -9,12 +9,13 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
 from .config import ConfigError, load_config, to_dict, write_yaml
 from .data.codes import read_codes_meta
+from .data.eval_set import PretrainEvalConfig, build_eval_set, resolve_eval_sources
 from .errors import CheckpointError
 from .startup import check_data, check_output_dir, check_readable_file
 from .data.pretrain import PretrainDataConfig, build_pretrain_batches
@@ -34,7 +35,8 @@ from .engine import (
 )
 from .models import load_checkpoint, model_config, save_pretrained
 from .models.pretraining import BEiT3ForPretraining
-from .pretrain import STAGE_STREAMS, MaskedDataModeling, ObjectiveConfig, PretrainInputs, apply_stage
+from .pretrain import STAGE_STREAMS, MaskedDataModeling, ObjectiveConfig, PretrainInputs, apply_stage, visual_codes_fn
+from .probing import PretrainEvalCallback
 from .text import TextTokenizer
 
 
@@ -72,6 +74,24 @@ class PretrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
+
+
+def eval_sources(cfg: PretrainConfig) -> dict[str, str]:
+    """The held-out source of each trained stream that has one (``eval.*``, or the data root's val-split files);
+    empty when ``eval.every_steps`` is 0. Image-bearing streams need a visual tokenizer (``tokenizer.path``) for
+    their codes and are left out without one."""
+    if not cfg.eval.every_steps:
+        return {}
+    batch = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
+    streams = [s for s in STAGE_STREAMS[cfg.objective.stage] if batch[s]]
+    if not cfg.tokenizer.path:
+        streams = [s for s in streams if s == "text"]
+    try:
+        return resolve_eval_sources(cfg.eval, Path(cfg.data.root), cfg.data.image_source, cfg.data.pair_source,
+                                    cfg.data.text_sources, streams)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
 
 
 def check_config(cfg: PretrainConfig) -> None:
@@ -86,6 +106,9 @@ def check_config(cfg: PretrainConfig) -> None:
         )
     if not any(batch[s] for s in streams):
         raise ConfigError(f"objective.stage='{cfg.objective.stage}' needs a non-zero data.{streams[0]}_batch")
+    if (cfg.objective.itc_weight or cfg.objective.itm_weight) and ("pair" not in streams or cfg.data.pair_batch < 2):
+        raise ConfigError("objective.itc_weight / itm_weight need the pair stream with data.pair_batch >= 2 "
+                          f"(objective.stage='{cfg.objective.stage}', data.pair_batch={cfg.data.pair_batch})")
     check_data(cfg.data, streams)
     build_deepspeed_config(cfg.train)  # a missing or malformed train.deepspeed_config file
     needs_codes = batch["image"] or batch["pair"]
@@ -103,6 +126,7 @@ def check_config(cfg: PretrainConfig) -> None:
     check_readable_file(text_path, "tokenizer.text")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise ConfigError(f"model.init_from '{cfg.model.init_from}' does not exist")
+    eval_sources(cfg)
     check_output_dir(cfg.output_dir)
 
 
@@ -112,22 +136,6 @@ def text_tokenizer_path(cfg: PretrainConfig) -> Path:
 
 def _device() -> torch.device:
     return torch.device("cuda", get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def visual_codes_fn(path: str, precision: str, device: torch.device, img_size: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
-    """The frozen tokenizer outside the engine at ``img_size`` px (positions resampled if it was trained at another
-    size): eval mode, no grad, bf16 autocast on GPU (fp32 code search)."""
-    from tokenizer import load_tokenizer
-
-    tok = load_tokenizer(path, device=device, img_size=img_size).eval().requires_grad_(False)
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-    @torch.no_grad()
-    def codes(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return tok.get_codebook_indices(images.to(device, non_blocking=True))
-
-    return codes, tok
 
 
 def _check_grid(code_patches: int, model_patches: int, source: str, model_cfg) -> None:
@@ -171,7 +179,8 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
             raise ConfigError(f"tokenizer.path '{cfg.tokenizer.path}': {err}") from err
         codebook_size = tok.config.codebook_size
         _check_grid(tok.config.num_patches, grid * grid, f"visual tokenizer '{cfg.tokenizer.path}' at data.tokenizer_image_size={cfg.data.tokenizer_image_size}", model_cfg)
-    model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192)
+    model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192,
+                                contrastive=cfg.objective.itc_weight > 0, matching=cfg.objective.itm_weight > 0)
     if cfg.model.init_from:
         try:
             load_checkpoint(model, cfg.model.init_from)
@@ -197,15 +206,46 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
     return MaskedDataModeling(model, cfg.objective), inputs
 
 
+def build_eval_callbacks(cfg: PretrainConfig, inputs: PretrainInputs) -> list[PretrainEvalCallback]:
+    """The held-out evaluation of this run (``eval:``) as an engine callback, or none (with a one-line notice)."""
+    sources = eval_sources(cfg)
+    if not sources:
+        if cfg.eval.every_steps and get_rank() == 0:
+            print(f"[beit3.eval] held-out evaluation off: no val-split source under '{cfg.data.root}' "
+                  f"(set eval.image_index / eval.pair_index / eval.text_source{'' if cfg.tokenizer.path else ' and tokenizer.path'})",
+                  file=sys.stderr, flush=True)
+        return []
+    codes_fn = inputs.codes_fn
+    if codes_fn is None and set(sources) - {"text"}:
+        codes_fn, _ = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device(), cfg.data.tokenizer_image_size)
+    grid = inputs.block_masks.height, inputs.block_masks.width
+    try:
+        eval_set = build_eval_set(
+            sources, cfg.data.root, TextTokenizer.from_file(text_tokenizer_path(cfg)), image_size=cfg.data.image_size,
+            tokenizer_image_size=cfg.data.tokenizer_image_size, patch_grid=grid, masking=cfg.objective.masking,
+            codes_fn=codes_fn, max_samples=cfg.eval.max_samples, max_text_len=cfg.data.max_text_len, seed=cfg.eval.seed,
+            probe_words=cfg.eval.probe_words)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"eval: {err}") from err
+    if get_rank() == 0:
+        counts = ", ".join(f"{s} {n} ('{sources[s]}')" for s, n in eval_set.num_samples().items())
+        probes = ", ".join(f"{k} ({len(v['samples'])} captions)" for k, v in eval_set.probes.items())
+        print(f"[beit3.eval] held-out evaluation every {cfg.eval.every_steps} steps: {counts}"
+              + (f"; probes: {probes}" if probes else ""), file=sys.stderr, flush=True)
+    return [PretrainEvalCallback(eval_set, cfg.eval.every_steps, cfg.eval.batch_size)]
+
+
 def run_pretraining(cfg: PretrainConfig) -> dict:
     """Check the config, build everything for this rank and train (auto-resuming from ``output_dir``)."""
     check_config(cfg)
     init_distributed()
     objective, inputs = build_pretraining(cfg, get_rank(), get_world_size())
+    callbacks = build_eval_callbacks(cfg, inputs)
     check_checkpoint_space(objective, cfg.output_dir)
     if get_rank() == 0:  # only once every check passed: a failing start overwrites nothing
         write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
-    return train(objective, inputs, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg))
+    return train(objective, inputs, cfg.train, cfg.optim, cfg.output_dir, config_snapshot=to_dict(cfg),
+                 callbacks=callbacks)
 
 
 def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -218,7 +258,7 @@ def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
     if "mim_head.weight" not in state:
         raise ConfigError(f"'{run_dir}' holds no pretraining checkpoint (no mim_head in its latest checkpoint)")
     overrides = {"vocab_size": state["beit3.text_embed.weight"].shape[0], **cfg.model.overrides}
-    model = BEiT3ForPretraining(model_config(cfg.model.name, **overrides), codebook_size=state["mim_head.weight"].shape[0])
+    model = BEiT3ForPretraining(model_config(cfg.model.name, **overrides), **BEiT3ForPretraining.heads_of(state))
     load_checkpoint(model, state, strict=True)
     save_pretrained(model, out_dir)
     torch.save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, out_dir / OFFICIAL_EXPORT_FILE)

@@ -1,7 +1,7 @@
 """Task models: official checkpoint layout, outputs against a by-hand computation of the official heads, training
 steps, the CLIP loss (single process and across 2 gloo ranks), ITM re-ranking, zero-shot use, training hooks."""
 import math
-import socket
+from functools import partial
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import beit3
 from beit3.models.tasks import clip_loss, pad_token_ids, retrieval_scores, vqa_loss, zero_shot_classifier, zero_shot_logits
+
+from dist_helpers import loss_and_grads_on_two_ranks
 
 TINY = "beit3_tiny_patch8_32_{}"
 D, V = 64, 1000  # tiny width and vocabulary
@@ -217,27 +219,11 @@ def test_clip_loss_equals_hand_computation():
     assert clip_loss(img, txt, scale).item() == pytest.approx(total / 8, rel=1e-5)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank, world, port, image, text, pad, out_path):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model = build("retrieval").train()
-        part = slice(rank * 2, rank * 2 + 2)
-        loss, _, _ = model(image=image[part], text_description=text[part], padding_mask=pad[part])
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        torch.distributed.all_reduce(grads)
-        total = loss.detach().clone()
-        torch.distributed.all_reduce(total)
-        if rank == 0:
-            torch.save((total / world, grads / world), out_path)
-    finally:
-        torch.distributed.destroy_process_group()
+def _retrieval_loss(image, text, pad, rank):
+    model = build("retrieval").train()
+    part = slice(rank * 2, rank * 2 + 2)
+    loss, _, _ = model(image=image[part], text_description=text[part], padding_mask=pad[part])
+    return loss, model
 
 
 def test_gathered_clip_loss_across_two_ranks_equals_single_process(tmp_path):
@@ -250,9 +236,7 @@ def test_gathered_clip_loss_across_two_ranks_equals_single_process(tmp_path):
     loss.backward()
     single_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    out_path = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, _free_port(), image, text, pad, out_path), nprocs=2, join=True)
-    dist_loss, dist_grads = torch.load(out_path)
+    dist_loss, dist_grads = loss_and_grads_on_two_ranks(partial(_retrieval_loss, image, text, pad), tmp_path / "rank0.pt")
     assert dist_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     # Averaged over ranks the gradients are those of the global batch: they flowed through the gather (a gather
     # without gradients would leave out every cross-rank term and differ).

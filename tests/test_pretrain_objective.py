@@ -1,4 +1,6 @@
 """Masking and the masked-data-modeling objective."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,8 @@ import beit3
 from beit3.masking import BlockMaskGenerator, MaskingConfig, mask_text
 from beit3.models.pretraining import BEiT3ForPretraining
 from beit3.pretrain import MaskedDataModeling, ObjectiveConfig, PretrainInputs, apply_stage
+
+from dist_helpers import loss_and_grads_on_two_ranks
 
 
 @pytest.mark.parametrize("grid,ratio", [((14, 14), 0.4), ((4, 4), 0.4), ((6, 8), 0.25)])
@@ -112,6 +116,30 @@ def test_objective_matches_an_independent_computation():
     assert metrics["num_samples"].item() == 12
 
 
+def test_pair_mlm_focal_weighting_matches_a_hand_computation():
+    model = _model().eval()
+    with torch.no_grad():
+        model.mlm_head.weight.mul_(30)  # confident, unequal predictions: the weights differ from token to token
+    batch = next(iter(_inputs()))
+    plain, _ = MaskedDataModeling(model, ObjectiveConfig(image_weight=0, text_weight=0))(batch)
+    focal, metrics = MaskedDataModeling(model, ObjectiveConfig(image_weight=0, text_weight=0,
+                                                               pair_mlm_focal_gamma=2.0))(batch)
+    pair = batch["pair"]
+    feats = model.beit3(visual_tokens=pair["image"], vision_masked_position=pair["image_mask"],
+                        textual_tokens=pair["text_tokens"], text_padding_position=pair["padding_mask"])["encoder_out"]
+    l_pi = F.cross_entropy(model.mim_head(feats[:, 1:17][pair["image_mask"]]), pair["codes"][pair["image_mask"]])
+    logits = model.mlm_head(feats[:, 17:][pair["text_mask"]])
+    targets = pair["text_targets"][pair["text_mask"]]
+    p_target = logits.softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    weight = (1 - p_target) ** 2
+    l_pt = (weight * -p_target.log()).sum() / weight.sum()
+    torch.testing.assert_close(focal, l_pi + l_pt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["loss_pair_text"], l_pt, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(focal, plain)  # the weighting changes the pair loss (image/text streams: weight 0)
+    with pytest.raises(ValueError, match="pair_mlm_focal_gamma"):
+        ObjectiveConfig(pair_mlm_focal_gamma=-1.0)
+
+
 def test_masked_only_last_layer_gives_the_same_loss():
     model = _model().eval()
     batch = next(iter(_inputs()))
@@ -165,3 +193,84 @@ def test_text_stage_trains_only_language_experts_and_copies_attention():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="unknown pretraining stage"):
         apply_stage(model, "video")
+
+
+def _vlmo_objective(seed=0, itm=1.0):
+    torch.manual_seed(seed)
+    cfg = beit3.models.model_config("beit3_tiny_patch8_32")
+    model = BEiT3ForPretraining(cfg, codebook_size=32, contrastive=True, matching=itm > 0)
+    return MaskedDataModeling(model, ObjectiveConfig(itc_weight=1.0, itm_weight=itm))
+
+
+def _pairs(seed, batch):
+    pair = _step_batch(seed, batch=batch)["pair"]
+    pair["image_mask"] = torch.zeros(batch, 16, dtype=torch.bool)
+    pair["image_mask"][:, :6] = True
+    pair["text_targets"] = pair["text_tokens"].clone()
+    pair["text_mask"] = torch.zeros_like(pair["text_tokens"], dtype=torch.bool)
+    pair["text_mask"][:, 1:3] = True
+    pair["image_id"] = torch.arange(batch) + 100 * seed
+    return pair
+
+
+def test_hard_negatives_are_never_a_positive():
+    from beit3.models.contrastive import sample_hard_negatives
+
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])  # several captions of one image are all positives of it
+    same = ids[:, None] == ids[None, :]
+    for trial in range(200):
+        sim = torch.randn(8, 8) * (1 + trial % 5) * 10
+        sim[same] += 50.0  # positives are the most similar: the sampler must still skip them
+        negative_text, negative_image = sample_hard_negatives(sim, same)
+        assert not same[torch.arange(8), negative_text].any()
+        assert not same[negative_image, torch.arange(8)].any()
+    with pytest.raises(ValueError, match="another image"):
+        sample_hard_negatives(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_itc_and_itm_losses_are_logged_and_train_their_heads():
+    objective = _vlmo_objective()
+    pair = _pairs(0, 4)
+    loss, metrics = objective({"pair": pair})
+    for key in ("loss_itc", "acc_itc", "loss_itm", "acc_itm", "loss_pair_text", "loss_pair_image"):
+        assert key in metrics, key
+    assert loss.item() == pytest.approx((metrics["loss_pair"] + metrics["loss_itc"] + metrics["loss_itm"]).item(), rel=1e-5)
+    loss.backward()
+    model = objective.model
+    for param in (model.logit_scale, model.vision_head.weight, model.language_head.weight, model.itm_head.classifier.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert "logit_scale" in model.no_weight_decay()
+    # the contrastive loss is CLIP's on the unmasked pairs, encoded separately
+    with torch.no_grad():
+        out = model(images=pair["image"], text_tokens=pair["text_targets"], padding_mask=pair["padding_mask"], head="contrastive")
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        expected = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+    assert metrics["loss_itc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="itc_weight > 0"):
+        ObjectiveConfig(itm_weight=1.0)
+    # itm_pairs: ITM on the first K pairs only (3K fused passes), negatives drawn from the whole batch
+    seen = []
+    original = model.beit3.forward
+    model.beit3.forward = lambda **kw: seen.append(kw["textual_tokens"].shape[0] if kw.get("visual_tokens") is not None
+                                                   and kw.get("textual_tokens") is not None else 0) or original(**kw)
+    objective.itm_pairs = 2
+    objective({"pair": pair})
+    assert seen[-1] == 6 and seen[0] == 4  # the masked pair pass (4), then ITM on 2 pairs: 2 + 2 + 2
+
+
+def _itc_loss(pairs, rank):
+    objective = _vlmo_objective(itm=0.0).eval()
+    local = {k: v[rank * 3:(rank + 1) * 3] for k, v in pairs.items()}
+    return objective._image_text_losses(local, {}), objective
+
+
+def test_itc_gathered_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    pairs = _pairs(1, 6)
+    objective = _vlmo_objective(itm=0.0).eval()
+    single = objective._image_text_losses(pairs, {})
+    single.backward()
+    single_grads = torch.cat([p.grad.flatten() for p in objective.parameters() if p.grad is not None])
+    loss, grads = loss_and_grads_on_two_ranks(partial(_itc_loss, pairs), tmp_path / "rank0.pt")
+    assert loss.item() == pytest.approx(single.item(), rel=1e-5)
+    torch.testing.assert_close(grads, single_grads, atol=1e-6, rtol=1e-4)

@@ -3,6 +3,7 @@ launcher (ZeRO-2 and ZeRO-3), exact resume after a kill, export, and start-up er
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,7 +45,9 @@ def _run(cmd, timeout=600):
 
 
 def _read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    """The training rows of a run's log.jsonl (the held-out evaluation's ``eval_*`` rows left out)."""
+    rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if not any(k.startswith("eval_") for k in r)]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +62,16 @@ def demo(tmp_path_factory):
     return {"base": base, "root": root, "tok": tok}
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _pretrain_cmd(demo, out, *extra):
     return [
-        "deepspeed", "--num_gpus", "2", str(ROOT / "tools/pretrain.py"), "--config", str(ROOT / "configs/pretrain/demo.yaml"),
+        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "tools/pretrain.py"),
+        "--config", str(ROOT / "configs/pretrain/demo.yaml"),
         *_sets([f"data.root={demo['root']}", f"tokenizer.path={demo['tok']}", f"train.steps={STEPS}", f"output_dir={out}",
                 *TINY, *extra]),
     ]
@@ -116,10 +126,35 @@ def test_two_ranks_zero3_learns_and_exports_official_layout(demo):
     backbone = beit3.create_model("beit3_tiny_patch8_32", img_size=64, embed_dim=64, num_heads=4, ffn_dim=256, depth=2,
                                   vocab_size=vocab)
     report = beit3.load_checkpoint(backbone, export / "beit3_pretrained.pth", strict=True)
-    assert report.missing == [] and sorted(report.left_for_heads) == ["mim_head.bias", "mim_head.weight", "mlm_head.bias", "mlm_head.weight"]
+    heads = {"mim_head.bias", "mim_head.weight", "mlm_head.bias", "mlm_head.weight",  # + demo.yaml's ITC/ITM heads
+             "vision_head.weight", "language_head.weight", "logit_scale"}
+    assert report.missing == [] and heads <= set(report.left_for_heads)
+    assert {k.split(".")[0] for k in report.left_for_heads} == {"mim_head", "mlm_head", "vision_head", "language_head",
+                                                                 "logit_scale", "itm_head"}
+    assert official["logit_scale"].shape == ()  # a 0-dim parameter keeps its shape through ZeRO-3
     restored = beit3.from_pretrained(export)
     assert type(restored).__name__ == "BEiT3ForPretraining"
     assert torch.equal(restored.state_dict()["mim_head.weight"], official["mim_head.weight"])
+    _assert_eval_equals_one_process_probe(out, export, demo)
+
+
+def _assert_eval_equals_one_process_probe(run, export, demo):
+    """The held-out evaluation logged by the 2-rank run (sharded, ZeRO-3: parameters gathered) equals the probe tool's
+    evaluation of the exported weights in this one process."""
+    from beit3.config import load_config
+    from beit3.probing import probe_pretrained
+    from beit3.run_pretraining import PretrainConfig
+
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "eval_acc_pair_text" in line]
+    assert [r["step"] for r in rows] == [STEPS]  # demo.yaml evaluates every 100 steps and after the last one
+    logged = {k[len("eval_"):]: v for k, v in rows[-1].items() if k.startswith("eval_") and k != "eval_seconds"}
+    cfg = load_config(PretrainConfig, run / "config.yaml")
+    report = probe_pretrained(export, demo["root"], visual_tokenizer=str(demo["tok"]), eval_cfg=cfg.eval,
+                              masking=cfg.objective.masking, max_text_len=cfg.data.max_text_len)
+    assert {"acc_image", "acc_text", "grounding_gap_text", "probe_colour_gap"} <= logged.keys()
+    assert report["metrics"].keys() == logged.keys()
+    for key, value in logged.items():
+        assert report["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow

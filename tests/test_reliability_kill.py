@@ -91,7 +91,9 @@ def rank_process(proc, local_rank):
 
 
 def read_log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    """Training rows only (the held-out evaluation's eval_* rows left out)."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if not any(k.startswith("eval_") for k in r)]
 
 
 def latest(out):

@@ -1,4 +1,4 @@
-"""Generate the procedural demo data root (images, BEiT-3 index files, corpus, beit3.spm, WebDataset shards) (see `beit3.cli.make_demo_data_main`)."""
+"""Generate the procedural demo data root, or with --photos a raw COCO Karpathy release of real photographs (see `beit3.cli.make_demo_data_main`)."""
 import sys
 
 from beit3.cli import make_demo_data_main

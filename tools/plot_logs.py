@@ -2,10 +2,11 @@
 
     python tools/plot_logs.py runs/demo/pretrain/log.jsonl --out runs/demo/pretrain_loss.png
     python tools/plot_logs.py A/log.jsonl B/log.jsonl --keys loss --out losses.png
+    python tools/plot_logs.py runs/demo/pretrain/log.jsonl --eval --out grounding.png   # held-out grounding gaps
 """
 import argparse
 
-from beit3.plots import plot_logs
+from beit3.plots import gap_keys, plot_logs, read_log
 
 
 def main() -> None:
@@ -14,10 +15,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--keys", nargs="*", default=None, help="fields to plot (default: every loss* field)")
     parser.add_argument("--labels", nargs="*", default=None, help="panel titles (default: the run folder names)")
+    parser.add_argument("--eval", action="store_true", help="plot the held-out evaluation's gaps (eval_*gap fields)")
     parser.add_argument("--title", default="")
     parser.add_argument("--log-y", action="store_true", help="logarithmic y axis")
     args = parser.parse_args()
-    print(plot_logs(args.logs, args.out, keys=args.keys, labels=args.labels, title=args.title, log_y=args.log_y))
+    keys = args.keys
+    if args.eval:
+        keys = sorted({k for log in args.logs for k in gap_keys(read_log(log))}) + list(keys or [])
+    print(plot_logs(args.logs, args.out, keys=keys, labels=args.labels, title=args.title, log_y=args.log_y))
 
 
 if __name__ == "__main__":

@@ -43,14 +43,14 @@ Typical tool::
 from .checkpointing import (check_checkpoint_space, estimate_checkpoint_bytes, export_consolidated_state_dict,
                             find_resume_tag, read_latest, resolve_checkpoint)
 from .config import DEFAULT_DEEPSPEED_CONFIGS, OptimConfig, TrainConfig, build_deepspeed_config
-from .dist import add_common_args, barrier, get_local_rank, get_rank, get_world_size, init_distributed, is_main_process
+from .dist import add_common_args, all_reduce_, barrier, gathered_parameters, get_local_rank, get_rank, get_world_size, init_distributed, is_main_process
 from .loop import Callback, DataFaultError, NonFiniteLossError, TrainingStopped, move_to_device, train
 from .optim import WarmupCosineSchedule, build_optimizer, lr_factor, param_groups
 
 __all__ = [
     "Callback", "DEFAULT_DEEPSPEED_CONFIGS", "DataFaultError", "NonFiniteLossError", "TrainingStopped",
     "check_checkpoint_space", "estimate_checkpoint_bytes", "find_resume_tag", "OptimConfig", "TrainConfig", "WarmupCosineSchedule",
-    "add_common_args", "barrier", "build_deepspeed_config", "build_optimizer", "export_consolidated_state_dict",
+    "add_common_args", "all_reduce_", "barrier", "gathered_parameters", "build_deepspeed_config", "build_optimizer", "export_consolidated_state_dict",
     "get_local_rank", "get_rank", "get_world_size", "init_distributed", "is_main_process", "lr_factor",
     "move_to_device", "param_groups", "read_latest", "resolve_checkpoint", "train",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import socket
 
@@ -93,6 +94,17 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if op == "mean":
             tensor /= get_world_size()
     return tensor
+
+
+def gathered_parameters(engine):
+    """Context in which ``engine.module`` holds its full parameters on every rank (gathered under ZeRO-3, nothing to
+    do otherwise): for passes whose number of forward calls may differ between ranks (beam search) or that read
+    weights directly."""
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 class _SetAction(argparse.Action):

@@ -64,7 +64,8 @@ class _GradFiniteCheck:
 
 class Callback:
     """Optional hooks; every method runs on every rank. ``ctx`` has engine, model, optimizer, scheduler, train_cfg,
-    optim_cfg, output_dir, checkpoint_dir, rank, world_size and step."""
+    optim_cfg, output_dir, checkpoint_dir, rank, world_size, step and monitor (``log(record)`` / ``message(text)``,
+    active on rank 0)."""
 
     def on_train_start(self, ctx) -> None: ...
 
@@ -107,29 +108,38 @@ def _quiet_deepspeed() -> None:
 
 @contextlib.contextmanager
 def _scalar_params_as_vectors(model: nn.Module):
-    """While DeepSpeed initialises, give 0-dim parameters (e.g. CLIP's ``logit_scale``) shape (1,) for the duration
-    of its start-up parameter broadcast only: that broadcast views every parameter as bytes, which fails for 0-dim
-    tensors. Shapes are back before DeepSpeed sets up the optimizer and gradient hooks."""
+    """While DeepSpeed initialises, give 0-dim parameters (e.g. CLIP's ``logit_scale``) shape (1,) where it
+    broadcasts them: its start-up broadcast (and ZeRO-3's conversion of each parameter) views every parameter as
+    bytes, which fails for 0-dim tensors. Shapes are back right after: ZeRO-3 records the 0-dim shape as the
+    parameter's ``ds_shape``, so gathered parameters, gradients and checkpoints keep it."""
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
 
     scalars = [p for p in model.parameters() if p.dim() == 0]
-    original = DeepSpeedEngine._broadcast_model
+    original_broadcast, original_zero_init = DeepSpeedEngine._broadcast_model, Init._zero_init_param
 
     def broadcast(engine_self):
         for p in scalars:
             p.data = p.data.reshape(1)
         try:
-            original(engine_self)
+            original_broadcast(engine_self)
         finally:
             for p in scalars:
                 p.data = p.data.reshape(())
 
+    def zero_init(init_self, param):
+        if param.dim() != 0:
+            return original_zero_init(init_self, param)
+        param.data = param.data.reshape(1)
+        original_zero_init(init_self, param)
+        param.ds_shape = torch.Size([])
+
     if scalars:
-        DeepSpeedEngine._broadcast_model = broadcast
+        DeepSpeedEngine._broadcast_model, Init._zero_init_param = broadcast, zero_init
     try:
         yield
     finally:
-        DeepSpeedEngine._broadcast_model = original
+        DeepSpeedEngine._broadcast_model, Init._zero_init_param = original_broadcast, original_zero_init
 
 
 class _Interval:
@@ -261,7 +271,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         monitor.message(f"[beit3.engine] resumed from {resumed_from} (step {start_step})")
     ctx = SimpleNamespace(engine=engine, model=model, optimizer=optimizer, scheduler=scheduler, train_cfg=train_cfg,
                           optim_cfg=optim_cfg, output_dir=output_dir, checkpoint_dir=ckpt_dir, rank=rank,
-                          world_size=world, step=start_step)
+                          world_size=world, step=start_step, monitor=monitor)
     for cb in callbacks:
         if hasattr(cb, "on_train_start"):
             cb.on_train_start(ctx)

@@ -73,7 +73,8 @@ class Monitor:
                     continue
                 if not math.isfinite(value):
                     continue
-                self.writer.add_scalar(f"train/{key}", value, step)
+                tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+                self.writer.add_scalar(tag, value, step)
             self.writer.flush()
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "lr") if isinstance(record.get(k), float)}

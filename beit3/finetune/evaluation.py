@@ -2,7 +2,6 @@
 and :class:`EvalCallback`, which evaluates during training and keeps the best checkpoint."""
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from beit3.engine import Callback, get_rank, get_world_size, move_to_device
+from beit3.engine import Callback, gathered_parameters, get_rank, get_world_size, move_to_device
 from beit3.models import save_pretrained
 
 from .data import SampleDataset, eval_batches
@@ -64,15 +63,6 @@ def write_predictions(result: EvalResult, directory: str | Path, split: str) -> 
     return path
 
 
-def _full_weights(engine):
-    """Context in which ``engine.module`` holds full parameters (gathered under ZeRO-3)."""
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 class EvalCallback(Callback):
     """Evaluate every ``every_steps`` optimizer steps and after the last one; log each result to ``eval_log.jsonl``;
     when ``metric`` improves, save the task model as ``best/`` (``save_pretrained``) + ``best_metrics.json``.
@@ -98,7 +88,7 @@ class EvalCallback(Callback):
         start = time.time()
         float_dtype = torch.bfloat16 if ctx.train_cfg.precision == "bf16" else None
         task_model = ctx.engine.module.model
-        with _full_weights(ctx.engine):
+        with gathered_parameters(ctx.engine):
             result = evaluate(self.task, task_model, self.samples, self.ctx, self.split, self.batch_size,
                               self.num_workers, ctx.engine.device, float_dtype)
             if self.metric not in result.metrics:

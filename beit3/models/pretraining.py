@@ -1,44 +1,58 @@
 """BEiT-3 with its masked-data-modeling heads, named as in the official pretrained checkpoints
-(``mim_head`` over the visual-token codebook, ``mlm_head`` over the text vocabulary)."""
+(``mim_head`` over the visual-token codebook, ``mlm_head`` over the text vocabulary), and optional VLMo/ALBEF heads
+(``vision_head`` / ``language_head`` / ``logit_scale`` for image-text contrast, ``itm_head`` for matching) under the
+names the retrieval model uses, so a retrieval fine-tune starts from them."""
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BEiT3, BEiT3Config
+from .backbone import BEiT3Config
+from .checkpoint import CONFIG_FILE, CheckpointError, from_pretrained, load_checkpoint, read_state_dict
+from .contrastive import ITMHead, add_contrastive_heads
+from .heads import BEiT3TaskModel
 from .layers import init_linear_and_norm
-from .registry import register_model_class
+from .registry import model_config, register_model_class
+
+Head = Literal["masked", "contrastive", "matching"]
 
 
 @register_model_class
-class BEiT3ForPretraining(nn.Module):
-    """Backbone + MIM head (``codebook_size`` classes) + MLM head (``vocab_size`` classes).
+class BEiT3ForPretraining(BEiT3TaskModel):
+    """Backbone + MIM head (``codebook_size`` classes) + MLM head (``vocab_size`` classes), optionally the
+    contrastive heads (``contrastive=True``) and the matching head (``matching=True``).
 
     Only masked positions reach the heads, so the 64k-way MLM head spends no work on the unmasked majority; with
     ``masked_only_last_layer`` the last layer too computes only them past its keys and values
-    (``BEiT3(output_positions=...)``).
+    (``BEiT3(output_positions=...)``). ``forward(head=...)`` selects the pass, so that every head runs inside this
+    module's forward (ZeRO-3 gathers a module's own parameters, ``logit_scale``, around its forward).
     """
 
-    def __init__(self, config: BEiT3Config, codebook_size: int = 8192):
-        super().__init__()
-        self.beit3 = BEiT3(config)
+    def __init__(self, config: BEiT3Config, codebook_size: int = 8192, contrastive: bool = False,
+                 matching: bool = False):
+        super().__init__(config, codebook_size=codebook_size, contrastive=contrastive, matching=matching)
         self.mim_head = nn.Linear(config.embed_dim, codebook_size)
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.mim_head.apply(init_linear_and_norm)
         self.mlm_head.apply(init_linear_and_norm)
-        self.init_kwargs = {"codebook_size": codebook_size}
+        if contrastive:
+            add_contrastive_heads(self, config.embed_dim)
+        self.itm_head = ITMHead(config.embed_dim, config.layernorm_eps) if matching else None
+        if self.itm_head is not None:
+            self.init_head(self.itm_head)
 
-    @property
-    def config(self) -> BEiT3Config:
-        return self.beit3.config
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.beit3.set_grad_checkpointing(enable)
+    @staticmethod
+    def heads_of(state: dict) -> dict:
+        """Constructor arguments that fit a state dict's heads: ``codebook_size``, ``contrastive``, ``matching``."""
+        return {"codebook_size": state["mim_head.weight"].shape[0], "contrastive": "logit_scale" in state,
+                "matching": "itm_head.classifier.weight" in state}
 
     def no_weight_decay(self) -> set[str]:
-        return {f"beit3.{name}" for name in self.beit3.no_weight_decay()}
+        return super().no_weight_decay() | ({"logit_scale"} if hasattr(self, "logit_scale") else set())
 
     def forward(
         self,
@@ -48,12 +62,28 @@ class BEiT3ForPretraining(nn.Module):
         padding_mask: Optional[torch.Tensor] = None,
         text_mask: Optional[torch.Tensor] = None,
         masked_only_last_layer: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        head: Head = "masked",
     ) -> dict[str, torch.Tensor]:
-        """Encode an image, text or image-text batch; return MIM logits of the masked patches (row-major, in batch
-        order) and MLM logits of the masked text positions. ``masked_only_last_layer``: compute the last layer past its
-        keys and values only at those positions (same logits up to rounding, fewer FLOPs)."""
+        """``head="masked"``: encode an image, text or image-text batch; return MIM logits of the masked patches
+        (row-major, in batch order) and MLM logits of the masked text positions. ``masked_only_last_layer``: compute
+        the last layer past its keys and values only at those positions (same logits up to rounding, fewer FLOPs).
+        ``attn_mask``: the backbone's mask (non-zero = blocked), e.g. to cut one modality off the other.
+
+        ``head="contrastive"``: images and texts encoded *separately*; returns L2-normalised ``image_features`` (vision
+        CLS -> ``vision_head``), ``text_features`` (BOS -> ``language_head``) and ``logit_scale`` (exp, clamped at
+        100 as CLIP). ``head="matching"``: the pairs encoded jointly; returns ``itm`` match logits (B,)."""
+        if head == "contrastive":
+            return self._contrastive(images, text_tokens, padding_mask)
+        if head == "matching":
+            if self.itm_head is None:
+                raise RuntimeError("this BEiT3ForPretraining has no matching head; build it with matching=True")
+            out = self.beit3(textual_tokens=text_tokens, visual_tokens=images, text_padding_position=padding_mask)
+            return {"itm": self.itm_head(out["encoder_out"])}
+        if head != "masked":
+            raise ValueError(f"unknown head '{head}'; use 'masked', 'contrastive' or 'matching'")
         kwargs = dict(textual_tokens=text_tokens, visual_tokens=images, text_padding_position=padding_mask,
-                      vision_masked_position=image_mask)
+                      vision_masked_position=image_mask, attn_mask=attn_mask)
         if masked_only_last_layer:
             read = []  # positions a head reads: masked patches (never the CLS), masked text tokens
             if images is not None:
@@ -75,3 +105,42 @@ class BEiT3ForPretraining(nn.Module):
         if text_mask is not None:
             logits["mlm"] = self.mlm_head(text_rows)
         return logits
+
+    def _contrastive(self, images, text_tokens, padding_mask) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "logit_scale"):
+            raise RuntimeError("this BEiT3ForPretraining has no contrastive heads; build it with contrastive=True")
+        vision = self.beit3(visual_tokens=images)["encoder_out"][:, 0]
+        text = self.beit3(textual_tokens=text_tokens, text_padding_position=padding_mask)["encoder_out"][:, 0]
+        return {"image_features": F.normalize(self.vision_head(vision), dim=-1),
+                "text_features": F.normalize(self.language_head(text), dim=-1),
+                "logit_scale": self.logit_scale.exp().clamp(max=100.0)}
+
+
+def load_pretraining_model(path: str | Path, model_name: str = "") -> BEiT3ForPretraining:
+    """A :class:`BEiT3ForPretraining` with its MIM and MLM heads from ``path``: a ``save_pretrained`` directory (our
+    export; also when ``path`` is the ``beit3_pretrained.pth`` inside one), or a checkpoint file in the official
+    layout (``{"model": {beit3.*, mlm_head.*, mim_head.*}}``, e.g. ``beit3_base_patch16_224.pth``), built as the
+    registry model ``model_name`` with the vocabulary, codebook and image size of the file."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if (directory / CONFIG_FILE).is_file() and (path.is_dir() or not model_name):
+        model = from_pretrained(directory)
+        if not isinstance(model, BEiT3ForPretraining):
+            raise CheckpointError(f"'{directory}' holds a {type(model).__name__}, not a pretraining model (no MLM/MIM heads)")
+        return model
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' has no {CONFIG_FILE}: pass a checkpoint file")
+    state = read_state_dict(path)
+    for head in ("mlm_head.weight", "mim_head.weight"):
+        if head not in state:
+            raise CheckpointError(f"'{path}' has no '{head}': not a pretrained BEiT-3 checkpoint with its heads")
+    if not model_name:
+        raise CheckpointError(f"'{path}' is a bare checkpoint: name its architecture (e.g. beit3_base_patch16_224)")
+    positions = state["beit3.encoder.embed_positions.A.weight"].shape[0] if "beit3.encoder.embed_positions.A.weight" in state else None
+    patch = state["beit3.vision_embed.proj.weight"].shape[-1] if "beit3.vision_embed.proj.weight" in state else None
+    overrides = {"vocab_size": state["mlm_head.weight"].shape[0]}
+    if positions and patch:  # N + 1 CLS + 2 unused rows
+        overrides.update(patch_size=patch, img_size=round((positions - 3) ** 0.5) * patch)
+    model = BEiT3ForPretraining(model_config(model_name, **overrides), **BEiT3ForPretraining.heads_of(state))
+    load_checkpoint(model, state, strict=True)
+    return model

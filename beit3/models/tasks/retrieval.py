@@ -3,56 +3,20 @@ across ranks, plus an optional image-text matching (ITM) head that re-ranks the 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbone import BEiT3Config
-from ..heads import BEiT3TaskModel, Pooler, check_batch, init_head
+from ..contrastive import ITMHead, add_contrastive_heads, clip_loss, gather_with_grad, matching_batch, sample_hard_negatives
+from ..heads import BEiT3TaskModel, check_batch
 from ..registry import register_model, register_model_class
+
+__all__ = ["BEiT3ForRetrieval", "ITMHead", "clip_loss", "gather_with_grad"]
 
 # ITM scores outside the re-ranked top-k keep their contrastive order, shifted below every re-ranked pair.
 RERANK_OFFSET = 1e4
-
-
-def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' ``features`` concatenated along dim 0 (gradients flow back to every rank) and this rank's index;
-    ``(features, 0)`` when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features, 0
-    return torch.cat(dist_nn.all_gather(features.contiguous())), dist.get_rank()
-
-
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of the official ``ClipLoss``: local features against the features of all ranks, the
-    positive of local row i being global column ``i + rank * batch``."""
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"image features {tuple(image_features.shape)} and text features {tuple(text_features.shape)} differ")
-    all_images, rank = gather_with_grad(image_features)
-    all_texts, _ = gather_with_grad(text_features)
-    logits_per_image = logit_scale * image_features @ all_texts.T
-    logits_per_text = logit_scale * text_features @ all_images.T
-    batch = image_features.shape[0]
-    labels = torch.arange(batch, device=image_features.device) + batch * rank
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-class ITMHead(nn.Module):
-    """Image-text matching head: :class:`Pooler` on the vision CLS of the fused image+text sequence, then one
-    match logit (``classifier``)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.pooler = Pooler(dim, dim, eps)
-        self.classifier = nn.Linear(dim, 1)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pooler(tokens)).squeeze(-1)
 
 
 @register_model_class
@@ -67,15 +31,10 @@ class BEiT3ForRetrieval(BEiT3TaskModel):
 
     def __init__(self, config: BEiT3Config, itm: bool = False):
         super().__init__(config, itm=itm)
-        dim = config.embed_dim
-        self.language_head = nn.Linear(dim, dim, bias=False)
-        self.vision_head = nn.Linear(dim, dim, bias=False)
-        init_head(self.language_head)
-        init_head(self.vision_head)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.itm_head = ITMHead(dim, config.layernorm_eps) if itm else None
+        add_contrastive_heads(self, config.embed_dim)
+        self.itm_head = ITMHead(config.embed_dim, config.layernorm_eps) if itm else None
         if self.itm_head is not None:
-            init_head(self.itm_head)
+            self.init_head(self.itm_head)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"logit_scale"}
@@ -141,18 +100,11 @@ class BEiT3ForRetrieval(BEiT3TaskModel):
         batch = image.shape[0]
         with torch.no_grad():
             ids = torch.arange(batch, device=image.device) if image_id is None else image_id.view(-1)
-            same = ids[:, None] == ids[None, :]
-            if bool(same.all(dim=1).any()):
-                raise ValueError("ITM hard negatives need every image to have a caption of another image in the batch")
             sim = (vision_cls @ language_cls.T).float() * self.logit_scale.exp().float()
-            negative_text = torch.multinomial(sim.masked_fill(same, float("-inf")).softmax(dim=1), 1).squeeze(1)
-            negative_image = torch.multinomial(sim.T.masked_fill(same, float("-inf")).softmax(dim=1), 1).squeeze(1)
-        images = torch.cat([image, image, image[negative_image]])
-        texts = torch.cat([text_description, text_description[negative_text], text_description])
-        pads = None if padding_mask is None else torch.cat([padding_mask, padding_mask[negative_text], padding_mask])
+            negative_text, negative_image = sample_hard_negatives(sim, ids[:, None] == ids[None, :])
+        images, texts, pads, labels = matching_batch(image, text_description, padding_mask, negative_text, negative_image)
         logits = self.itm_score(images, texts, pads)
-        labels = torch.cat([logits.new_ones(batch), logits.new_zeros(2 * batch)])
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
 
     @torch.no_grad()
     def rerank(
