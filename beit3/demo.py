@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from beit3.plots import image_grid, plot_logs, read_log
+from beit3.plots import gap_keys, image_grid, plot_logs, read_log
 
 PathLike = str | Path
 INITS = ("scratch", "pretrained")
@@ -31,7 +31,7 @@ ROWS = (
     ("VQA accuracy (VQA score, %)", "vqav2", "vqa_score", "vqa_prior"),
     ("captioning CIDEr", "captioning", "CIDEr", "caption_constant"),
 )
-PRETRAIN_KEYS = ("loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text")
+PRETRAIN_KEYS = ("loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text", "loss_itc", "loss_itm")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -46,6 +46,20 @@ def run_metrics(run: Path, which: str = "final") -> Optional[dict]:
     data = json.loads(path.read_text())
     entry = data.get(which) or {}
     return {**entry.get("metrics", {}), "_split": entry.get("split"), "_step": entry.get("step")}
+
+
+def seed_runs(run_dir: PathLike, task: str, init: str) -> list[Path]:
+    """The fine-tuning runs of one task and init, one per seed: ``ft/<task>_<init>_seed<K>`` in seed order."""
+    found = Path(run_dir, "ft").glob(f"{task}_{init}_seed*")
+    runs = [p for p in found if p.name.rsplit("_seed", 1)[1].isdigit()]
+    return sorted(runs, key=lambda p: int(p.name.rsplit("_seed", 1)[1]))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
 
 
 def _top_answer(items: list[dict]) -> int:
@@ -118,21 +132,58 @@ def baselines(data_root: PathLike, split: str = "val") -> dict[str, float]:
 
 
 def results_table(run_dir: PathLike, data_root: Optional[PathLike] = None, which: str = "final") -> dict:
-    """Rows ``{task, metric, scratch, pretrained, baseline, baseline_kind}`` from ``run_dir/ft/<task>_<init>``."""
+    """Rows ``{task, metric, scratch, pretrained, baseline, ...}`` from ``run_dir/ft/<task>_<init>_seed<K>``: per init
+    the mean over seeds, ``<init>_std`` (sample std), ``<init>_values`` and ``<init>_seeds``; ``margin`` = pretrained
+    minus scratch and ``beyond_noise`` = the margin is larger than both standard deviations (with >= 2 seeds each)."""
     run_dir = Path(run_dir)
     data_root = Path(data_root) if data_root else run_dir / "data"
-    metrics = {f"{task}_{init}": run_metrics(run_dir / "ft" / f"{task}_{init}", which)
-               for _, task, _, _ in ROWS for init in INITS}
     base = baselines(data_root)
     rows = []
     for name, task, key, kind in ROWS:
         row = {"task": task, "metric": name, "key": key, "baseline": base.get(kind), "baseline_kind": kind}
         for init in INITS:
-            m = metrics[f"{task}_{init}"]
-            row[init] = None if m is None or key not in m else float(m[key])
-            row[f"{init}_step"] = None if m is None else m.get("_step")
+            found = [run_metrics(run, which) for run in seed_runs(run_dir, task, init)]
+            values = [float(m[key]) for m in found if m is not None and key in m]
+            mean, std = mean_std(values) if values else (None, None)
+            row.update({init: mean, f"{init}_std": std, f"{init}_values": values, f"{init}_seeds": len(values),
+                        f"{init}_step": next((m["_step"] for m in found if m), None)})
+        if row["scratch"] is not None and row["pretrained"] is not None:
+            row["margin"] = row["pretrained"] - row["scratch"]
+            enough = min(row["scratch_seeds"], row["pretrained_seeds"]) >= 2
+            row["beyond_noise"] = enough and row["margin"] > max(row["scratch_std"], row["pretrained_std"])
         rows.append(row)
     return {"which": which, "split": "val", "rows": rows}
+
+
+EVAL_COLUMNS = (  # (header, log key, scale): the held-out evaluation rows of the pretraining log
+    ("pair-MLM own", "eval_acc_pair_text", 100), ("pair-MLM other image", "eval_acc_pair_text_other", 100),
+    ("grounding gap MLM", "eval_grounding_gap_text", 100), ("grounding gap MIM", "eval_grounding_gap_image", 100),
+    ("image MIM acc", "eval_acc_image", 100), ("text MLM acc", "eval_acc_text", 100),
+)
+
+
+def probe_classes(records: list[dict]) -> list[str]:
+    """The word classes of the grounding probe in a log's ``eval_probe_<class>_gap`` keys, in order of appearance."""
+    found = [k[len("eval_probe_"):-len("_gap")] for r in records for k in r
+             if k.startswith("eval_probe_") and k.endswith("_gap")]
+    return list(dict.fromkeys(found))
+
+
+def pretraining_eval_markdown(records: list[dict]) -> str:
+    """The ``eval_*`` rows of a pretraining log as a table (accuracies and gaps in points), one line per evaluation:
+    the stream metrics, then own / other / gap of every probe word class."""
+    rows = [r for r in records if any(k.startswith("eval_") for k in r)]
+    probes = [(f"{c} {part}", f"eval_probe_{c}_{key}", 100) for c in probe_classes(rows)
+              for part, key in (("own", "acc"), ("other", "acc_other"), ("gap", "gap"))]
+    columns = [c for c in EVAL_COLUMNS + tuple(probes) if any(c[1] in r for r in rows)]
+    if not rows or not columns:
+        return ""
+    lines = ["| step | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
+        cells = [f"{scale * r[key]:+.1f}" if "gap" in key else f"{scale * r[key]:.1f}" if key in r else "—"
+                 for _, key, scale in columns]
+        lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 _BASELINE_NAMES = {"retrieval_r1": "chance (1 / images)", "retrieval_tr_r1": "chance (captions / texts)",
@@ -144,13 +195,27 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _cell(row: dict, init: str, digits: int) -> str:
+    if row[init] is None:
+        return "—"
+    if row[f"{init}_seeds"] > 1:
+        return f"{row[init]:.{digits}f} ± {row[f'{init}_std']:.{digits}f}"
+    return f"{row[init]:.{digits}f}"
+
+
 def markdown(table: dict, extra: str = "") -> str:
-    lines = ["| task | metric | scratch | pretrained | chance / baseline |", "|---|---|---|---|---|"]
+    seeds = max((r[f"{i}_seeds"] for r in table["rows"] for i in INITS), default=0)
+    lines = ["| task | metric | scratch | pretrained | chance / baseline |" + (" beyond seed noise |" if seeds > 1 else ""),
+             "|---|---|---|---|---|" + ("---|" if seeds > 1 else "")]
     for r in table["rows"]:
         digits = 3 if r["key"] == "CIDEr" else 1
         base = f"{_fmt(r['baseline'], digits)} ({_BASELINE_NAMES.get(r['baseline_kind'], r['baseline_kind'])})"
-        lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['scratch'], digits)} | {_fmt(r['pretrained'], digits)} "
-                     f"| {base} |")
+        verdict = ("yes" if r.get("beyond_noise") else "no") if seeds > 1 else ""
+        lines.append(f"| {r['task']} | {r['metric']} | {_cell(r, 'scratch', digits)} | {_cell(r, 'pretrained', digits)} "
+                     f"| {base} |" + (f" {verdict} |" if seeds > 1 else ""))
+    if seeds > 1:
+        lines.append(f"\nMean ± sample standard deviation over {seeds} fine-tuning seeds; \"beyond seed noise\": "
+                     "pretrained minus scratch is larger than the standard deviation of either.")
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 
 
@@ -206,6 +271,35 @@ def caption_examples(run: PathLike, data_root: PathLike, out: PathLike, num_imag
     return image_grid(rows, out, title=f"generated captions, {split} split", image_px=1.2)
 
 
+ENVIRONMENT_PACKAGES = ("torch", "torchvision", "deepspeed", "numpy", "pillow", "sentencepiece", "transformers", "timm")
+
+
+def environment() -> dict:
+    """What a demo run's numbers depend on besides the code and the seeds: package versions, Python, the CPU and
+    the thread settings (floating-point sums, and so every trained weight, change with any of them)."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    packages = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "packages": packages, "cpu": cpu, "cpus": os.cpu_count(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
 def summarize(run_dir: PathLike, data_root: Optional[PathLike] = None, which: str = "final", plots: bool = True,
               timings: Optional[dict] = None) -> dict:
     """Write ``results.json`` + ``results.md`` (and, with ``plots``, the PNGs) into ``run_dir``; returns the results.
@@ -228,29 +322,44 @@ def summarize(run_dir: PathLike, data_root: Optional[PathLike] = None, which: st
         if pre.is_file():
             attempt("pretrain_loss", lambda: plot_logs([pre], run_dir / "pretrain_loss.png", keys=PRETRAIN_KEYS,
                                                        labels=["pretraining (masked data modeling) per stream"]))
-        ft_logs = [(f"{t}_{i}", run_dir / "ft" / f"{t}_{i}" / "log.jsonl") for t in ("retrieval", "vqav2", "captioning")
-                   for i in INITS]
+            grounding = gap_keys(read_log(pre))
+            if grounding:
+                attempt("pretrain_grounding", lambda: plot_logs(
+                    [pre], run_dir / "pretrain_grounding.png", keys=grounding,
+                    labels=["held-out grounding: own minus another pair's image (accuracy)"]))
+        ft_logs = [(run.name, run / "log.jsonl") for t in ("retrieval", "vqav2", "captioning") for i in INITS
+                   for run in seed_runs(run_dir, t, i)[:1]]
         ft_logs = [(n, p) for n, p in ft_logs if p.is_file()]
         if ft_logs:
             attempt("finetune_loss", lambda: plot_logs([p for _, p in ft_logs], run_dir / "finetune_loss.png",
                                                        keys=["loss"], labels=[n for n, _ in ft_logs]))
-        best = run_dir / "ft" / "retrieval_pretrained" / "best"
-        if best.is_dir():
+        retrieval = seed_runs(run_dir, "retrieval", "pretrained")
+        if retrieval and (retrieval[0] / "best").is_dir():
+            best = retrieval[0] / "best"
             attempt("retrieval_examples", lambda: retrieval_examples(best, data_root, run_dir / "retrieval_examples.png"))
-        cap = run_dir / "ft" / "captioning_pretrained"
+        captioning = seed_runs(run_dir, "captioning", "pretrained")
+        cap = captioning[0] if captioning else run_dir / "ft" / "captioning_pretrained"
         if (cap / "best").is_dir():
             attempt("caption_examples", lambda: caption_examples(cap, data_root, run_dir / "caption_examples.png"))
         hist = run_dir / "tokenizer" / "codebook_usage.png"
         if hist.is_file():
             files["codebook_usage"] = str(hist)
     pre_log = read_log(run_dir / "pretrain" / "log.jsonl") if (run_dir / "pretrain" / "log.jsonl").is_file() else []
-    result = {**table, "files": files, "plot_errors": errors, "timings": timings or {},
-              "pretrain_last": pre_log[-1] if pre_log else None}
+    env = environment()
+    result = {**table, "files": files, "plot_errors": errors, "timings": timings or {}, "environment": env,
+              "pretrain_last": next((r for r in reversed(pre_log) if "loss" in r), None),
+              "pretrain_eval": [r for r in pre_log if any(k.startswith("eval_") for k in r)]}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     extra = [f"Held-out {table['split']} split of the demo data; {which} evaluation of each fine-tuning run."]
+    eval_table = pretraining_eval_markdown(pre_log)
+    if eval_table:
+        extra.append("Pretraining, held-out evaluation (accuracy in %, gaps in points: own minus another pair's "
+                     "image or text):\n\n" + eval_table)
     if timings:
         extra.append("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     if files:
         extra.append("Plots: " + ", ".join(f"`{Path(f).name}`" for f in files.values()))
+    extra.append("Environment (the numbers depend on it): Python " + env["python"] + ", "
+                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; {env['cpu']}")
     (run_dir / "results.md").write_text(markdown(table, "\n\n".join(extra)))
     return result

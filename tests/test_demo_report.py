@@ -37,20 +37,26 @@ def demo_run(tmp_path, demo_root):  # noqa: F811
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(demo_root)
-    _write_log(run / "pretrain" / "log.jsonl", ["loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text"])
+    log = _write_log(run / "pretrain" / "log.jsonl", ["loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text"])
+    with log.open("a") as f:  # two held-out evaluation rows
+        for step, gap in ((2, 0.05), (5, 0.25)):
+            f.write(json.dumps({"step": step, "eval_acc_pair_text": 0.6, "eval_acc_pair_text_other": 0.6 - gap / 5,
+                                "eval_grounding_gap_text": gap / 5, "eval_probe_colour_acc": 0.2 + gap,
+                                "eval_probe_colour_acc_other": 0.2, "eval_probe_colour_gap": gap}) + "\n")
     for init, bump in (("scratch", 0.0), ("pretrained", 10.0)):
-        _metrics(run / "ft" / f"retrieval_{init}", "coco_retrieval", {"ir_r1": 5.0 + bump, "tr_r1": 6.0 + bump,
-                                                                             "average_score": 9.0 + bump})
-        _metrics(run / "ft" / f"vqav2_{init}", "vqav2", {"vqa_score": 40.0 + bump})
-        _metrics(run / "ft" / f"captioning_{init}", "coco_captioning", {"CIDEr": 0.1 + bump / 10})
-        for task in ("retrieval", "vqav2", "captioning"):
-            _write_log(run / "ft" / f"{task}_{init}" / "log.jsonl", ["loss"])
+        for seed, jitter in ((0, 0.0), (1, 2.0)):
+            _metrics(run / "ft" / f"retrieval_{init}_seed{seed}", "coco_retrieval",
+                     {"ir_r1": 5.0 + bump + jitter, "tr_r1": 6.0 + bump, "average_score": 9.0 + bump + 8 * jitter})
+            _metrics(run / "ft" / f"vqav2_{init}_seed{seed}", "vqav2", {"vqa_score": 40.0 + bump + jitter})
+            _metrics(run / "ft" / f"captioning_{init}_seed{seed}", "coco_captioning", {"CIDEr": 0.1 + bump / 10})
+            for task in ("retrieval", "vqav2", "captioning"):
+                _write_log(run / "ft" / f"{task}_{init}_seed{seed}" / "log.jsonl", ["loss"])
     # a (random) retrieval model as the best checkpoint, and generated captions
     torch.manual_seed(0)
     model = beit3.create_model("beit3_tiny_patch8_32_retrieval", vocab_size=1000)
-    beit3.save_pretrained(model, run / "ft" / "retrieval_pretrained" / "best")
+    beit3.save_pretrained(model, run / "ft" / "retrieval_pretrained_seed0" / "best")
     val = read_jsonl(demo_root / "coco_captioning.val.jsonl")
-    best = run / "ft" / "captioning_pretrained" / "best"
+    best = run / "ft" / "captioning_pretrained_seed0" / "best"
     best.mkdir(parents=True)
     (best / "caption_results_val.json").write_text(json.dumps([{"image_id": i["image_id"], "caption": "a red circle"}
                                                                for i in val]))
@@ -61,19 +67,26 @@ def test_summarize_table_baselines_and_plots(demo_run, demo_root):  # noqa: F811
     result = summarize(demo_run, timings={"pretraining": 12.0})
     rows = {r["key"]: r for r in result["rows"]}
     assert set(rows) == {key for _, _, key, _ in ROWS}
-    assert rows["ir_r1"]["scratch"] == 5.0 and rows["ir_r1"]["pretrained"] == 15.0
+    assert rows["ir_r1"]["scratch"] == 6.0 and rows["ir_r1"]["pretrained"] == 16.0  # means over two seeds
+    assert rows["ir_r1"]["scratch_values"] == [5.0, 7.0] and rows["ir_r1"]["scratch_std"] == pytest.approx(2 ** 0.5)
+    assert rows["ir_r1"]["margin"] == pytest.approx(10.0) and rows["ir_r1"]["beyond_noise"]
+    assert not rows["average_score"]["beyond_noise"]  # margin 10 < std 11.3 of the seeds
+    assert rows["CIDEr"]["pretrained_seeds"] == 2 and rows["CIDEr"]["scratch_std"] == 0.0
     num_val_images = len({i["image_id"] for i in read_jsonl(demo_root / "coco_retrieval.val.jsonl")})
     assert rows["ir_r1"]["baseline"] == pytest.approx(100.0 / num_val_images)
-    assert rows["average_score"]["pretrained"] == 19.0
+    assert rows["average_score"]["pretrained"] == 27.0
     assert rows["ir_r1"]["baseline"] < rows["average_score"]["baseline"] < 100.0 / num_val_images * 10
     assert 0.0 < rows["vqa_score"]["baseline"] < 100.0
     assert rows["vqa_score"]["baseline"] == pytest.approx(vqa_question_prior_score(demo_root))
     assert rows["CIDEr"]["baseline"] == pytest.approx(caption_constant_cider(demo_root)) and rows["CIDEr"]["baseline"] >= 0
     assert result["plot_errors"] == {}
-    for name in ("pretrain_loss", "finetune_loss", "retrieval_examples", "caption_examples"):
+    for name in ("pretrain_loss", "pretrain_grounding", "finetune_loss", "retrieval_examples", "caption_examples"):
         assert Path(result["files"][name]).read_bytes()[:4] == PNG, name
     md = (demo_run / "results.md").read_text()
-    assert "| retrieval | retrieval R@1 text→image (%) | 5.0 | 15.0 |" in md and "pretraining 12" in md
+    assert "| retrieval | retrieval R@1 text→image (%) | 6.0 ± 1.4 | 16.0 ± 1.4 |" in md and "pretraining 12" in md
+    assert "| yes |" in md and "over 2 fine-tuning seeds" in md
+    assert "| 5 | 60.0 | 55.0 | +5.0 | 45.0 | 20.0 | +25.0 |" in md  # the pretraining evaluation rows
+    assert [r["step"] for r in result["pretrain_eval"]] == [2, 5] and result["pretrain_last"]["step"] == 5
     saved = json.loads((demo_run / "results.json").read_text())
     assert saved["rows"] == result["rows"] and saved["timings"] == {"pretraining": 12.0}
 

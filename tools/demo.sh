@@ -7,7 +7,8 @@
 #   bash tools/demo.sh [OUT]            # OUT defaults to runs/demo; an existing OUT is reused stage by stage
 #
 # Environment: BEIT3_VENV / BEIT3_SKIP_INSTALL (see tools/_venv.sh); stage sizes DEMO_IMAGES, TOKENIZER_STEPS,
-# PRETRAIN_STEPS, RETRIEVAL_STEPS, VQA_STEPS and CAPTION_STEPS; DEMO_FRESH=1 deletes OUT first.
+# PRETRAIN_STEPS, RETRIEVAL_STEPS, VQA_STEPS and CAPTION_STEPS; DEMO_SEEDS=N fine-tunes every task and init with
+# seeds 0..N-1 (the table shows mean ± std); DEMO_FRESH=1 deletes OUT first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/_venv.sh
@@ -20,6 +21,7 @@ PRETRAIN_STEPS="${PRETRAIN_STEPS:-600}"
 RETRIEVAL_STEPS="${RETRIEVAL_STEPS:-600}"
 VQA_STEPS="${VQA_STEPS:-400}"
 CAPTION_STEPS="${CAPTION_STEPS:-400}"
+DEMO_SEEDS="${DEMO_SEEDS:-1}"
 [ "${DEMO_FRESH:-0}" = "1" ] && rm -rf "$OUT"
 mkdir -p "$OUT/ft"
 DATA="$OUT/data"
@@ -74,19 +76,22 @@ if [ ! -f "$OUT/pretrained/beit3_pretrained.pth" ]; then
     stage "export" "$PY" tools/export_checkpoint.py --run "$OUT/pretrain" --out "$OUT/pretrained"
 fi
 
-finetune() {  # finetune TASK CONFIG STEPS INIT
-    local task="$1" config="$2" steps="$3" init="$4" run="$OUT/ft/$1_$4"
+finetune() {  # finetune TASK CONFIG STEPS INIT SEED
+    local task="$1" config="$2" steps="$3" init="$4" seed="$5" run="$OUT/ft/$1_$4_seed$5"
     [ -f "$run/metrics.json" ] && return 0
     local from=""
     [ "$init" = "pretrained" ] && from="$OUT/pretrained/beit3_pretrained.pth"
-    stage "fine-tune $task from $init ($steps steps)" env OMP_NUM_THREADS=2 "$PY" tools/finetune.py \
+    stage "fine-tune $task from $init, seed $seed ($steps steps)" env OMP_NUM_THREADS=2 "$PY" tools/finetune.py \
         --config "$config" --set data.root="$DATA" --set output_dir="$run" --set model.init_from="$from" \
-        --set train.steps="$steps" --set train.save_every="$steps" --set eval.every_steps="$steps"
+        --set train.steps="$steps" --set train.save_every="$steps" --set eval.every_steps="$steps" \
+        --set train.seed="$seed"
 }
-for init in pretrained scratch; do
-    finetune retrieval configs/finetune/demo_retrieval.yaml "$RETRIEVAL_STEPS" "$init"
-    finetune vqav2 configs/finetune/demo_vqav2.yaml "$VQA_STEPS" "$init"
-    finetune captioning configs/finetune/demo_captioning.yaml "$CAPTION_STEPS" "$init"
+for seed in $(seq 0 $(( DEMO_SEEDS - 1 ))); do
+    for init in pretrained scratch; do
+        finetune retrieval configs/finetune/demo_retrieval.yaml "$RETRIEVAL_STEPS" "$init" "$seed"
+        finetune vqav2 configs/finetune/demo_vqav2.yaml "$VQA_STEPS" "$init" "$seed"
+        finetune captioning configs/finetune/demo_captioning.yaml "$CAPTION_STEPS" "$init" "$seed"
+    done
 done
 
 stage "report" "$PY" tools/demo_report.py --run "$OUT" --timings "$TIMINGS"
