@@ -240,8 +240,10 @@ class PretrainInputs:
         self.step = int(state["step"])
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.batches:
-            yield self.prepare(batch)
+        # the data layer's iterator is made now, not at the first batch (see PretrainBatches.__iter__): the ITM
+        # negatives draw from the global RNG, so a resumed run must not draw the loader's seed after restoring it
+        batches = iter(self.batches)
+        return (self.prepare(batch) for batch in batches)
 
     def prepare(self, batch: dict) -> dict:
         """Mask one step batch; advances the step counter that seeds the masks."""

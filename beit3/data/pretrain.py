@@ -228,6 +228,11 @@ class PretrainBatches:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, sampler=StepsFrom(self.next_step),
                             num_workers=self.num_workers, **extra)
+        # made now, not at the first batch: the loader draws its base seed from the global RNG, and the engine
+        # creates the iterator before it restores a resumed run's RNG state
+        return self._counted(iter(loader))
+
+    def _counted(self, loader: Iterator) -> Iterator[dict]:
         for batch, skips in loader:
             self._skips.update(skips)
             self.next_step += 1
