@@ -95,11 +95,12 @@ def evaluate_pretraining(model: nn.Module, eval_set: EvalSet, batch_size: int = 
     device = device or next(model.parameters()).device
     rank, world = get_rank(), get_world_size()
     sums = _Sums()
+    jobs = eval_jobs(eval_set)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for names, inputs in eval_jobs(eval_set):
+            for names, inputs in jobs:
                 n = next(iter(inputs.values())).shape[0]
                 starts = list(range(0, n, batch_size))
                 for b in range(rank, math.ceil(len(starts) / world) * world, world):
@@ -116,7 +117,7 @@ def evaluate_pretraining(model: nn.Module, eval_set: EvalSet, batch_size: int = 
                         sums.add(names["mlm"], logits["mlm"], chunk["text_targets"][chunk["text_mask"]], float(real))
     finally:
         model.train(was_training)
-    names = sorted({name for job_names, _ in eval_jobs(eval_set) for name in job_names.values()})
+    names = sorted({name for job_names, _ in jobs for name in job_names.values()})
     return summarize_sums(sums.reduce(names, device))
 
 
