@@ -14,11 +14,9 @@ from typing import Any, Iterable, Literal, TypeVar, Union
 
 import yaml
 
+from .errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending file, key or value."""
 
 
 def _type_name(tp: Any) -> str:

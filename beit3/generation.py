@@ -195,29 +195,7 @@ def greedy_search(
     eos_id: int = 2,
     mask_id: Optional[int] = None,
 ) -> list[Caption]:
-    """Most likely next word at every step until ``</s>`` or ``max_len`` tokens (incl. ``<s>`` and ``</s>``).
-    The score is the summed log-probability; the result equals a 1-beam :func:`beam_search` with
-    ``length_penalty=0``."""
-    ids = SpecialTokenIds.resolve(tokenizer, bos_id, pad_id, eos_id, mask_id)
-    batch = images.shape[0]
-    steps = _steps(model, images, ids, use_cache, max_len)
-    captions = [Caption([], 0.0) for _ in range(batch)]
-    finished = [False] * batch
-    logprobs, cur_len = steps.first(), 2
-    rows = torch.arange(batch, device=images.device)
-    while True:
-        word_logprob, words = logprobs.max(dim=-1)
-        for b in range(batch):
-            if finished[b]:
-                continue
-            captions[b].score += word_logprob[b].item()
-            if words[b].item() == ids.eos_id:
-                finished[b] = True
-            else:
-                captions[b].token_ids.append(words[b].item())
-                finished[b] = cur_len + 1 == max_len
-        if all(finished):
-            return captions
-        words = torch.where(torch.tensor(finished, device=images.device), ids.pad_id, words)
-        cur_len += 1
-        logprobs = steps.advance(rows, words, cur_len)
+    """Most likely next word at every step until ``</s>`` or ``max_len`` tokens (incl. ``<s>`` and ``</s>``), scored
+    by the summed log-probability: :func:`beam_search` with one beam and ``length_penalty=0``."""
+    return beam_search(model, images, tokenizer, num_beams=1, max_len=max_len, length_penalty=0.0, use_cache=use_cache,
+                       bos_id=bos_id, pad_id=pad_id, eos_id=eos_id, mask_id=mask_id)

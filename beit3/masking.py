@@ -1,12 +1,14 @@
-"""Masking for masked data modeling: BEiT v2 block-wise image masking and BERT-style 80/10/10 text masking.
+"""Masking for masked data modeling: BEiT v2 block-wise image masking, BERT-style 80/10/10 text masking, and
+:class:`PretrainInputs`, which masks the data layer's step batches and attaches their targets.
 
-Both take an explicit random generator so that a masked batch is a pure function of (seed, rank, step): exact
+All draw from an explicit random generator so that a masked batch is a pure function of (seed, rank, step): exact
 resumption never depends on the global RNG state.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -111,3 +113,84 @@ def mask_text(
     use_random = chosen & (action >= mask_replace_prob) & (action < mask_replace_prob + random_replace_prob)
     out = torch.where(use_random, randoms, out)
     return out, chosen
+
+
+class PretrainInputs:
+    """Masks the data layer's step batches and attaches targets; resumable like the batches it wraps.
+
+    ``codes_fn`` maps tokenizer-view images in [0, 1] to visual-token ids [B, N]; a stream that already carries
+    ``codes`` (precomputed by ``tools/tokenize_dataset.py``) skips it. Masks are drawn from a generator seeded by
+    (seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[dict],
+        masking: MaskingConfig,
+        patch_grid: tuple[int, int],
+        mask_token_id: int,
+        random_token_range: tuple[int, int],
+        special_token_ids: Iterable[int],
+        codes_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        seed: int = 0,
+        rank: int = 0,
+    ):
+        self.batches = batches
+        self.masking = masking
+        self.block_masks = BlockMaskGenerator(*patch_grid, masking.image_mask_ratio, masking.min_block_patches, masking.max_block_aspect)
+        self.mask_token_id = mask_token_id
+        self.random_token_range = random_token_range
+        self.special_token_ids = torch.tensor(sorted(set(special_token_ids)))
+        self.codes_fn = codes_fn
+        self.seed, self.rank = seed, rank
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"data": self.batches.state_dict(), "step": self.step}
+
+    def skip_counts(self) -> dict[str, int]:
+        """The data layer's skipped samples by reason (logged by the engine as ``data_skips``)."""
+        return self.batches.skip_counts() if hasattr(self.batches, "skip_counts") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+
+    def __iter__(self) -> Iterator[dict]:
+        # the data layer's iterator is made now, not at the first batch (see PretrainBatches.__iter__): the ITM
+        # negatives draw from the global RNG, so a resumed run must not draw the loader's seed after restoring it
+        batches = iter(self.batches)
+        return (self.prepare(batch) for batch in batches)
+
+    def prepare(self, batch: dict) -> dict:
+        """Mask one step batch; advances the step counter that seeds the masks."""
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        text_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self.step += 1
+        out = {}
+        for stream, b in batch.items():
+            b = dict(b)
+            if "image" in b:
+                b["image_mask"] = self.block_masks.batch(b["image"].shape[0], rng)
+                if "codes" not in b:
+                    if self.codes_fn is None:
+                        raise ValueError(f"the '{stream}' stream has no precomputed codes and no tokenizer was given")
+                    b["codes"] = self.codes_fn(b["tokenizer_image"])
+                b.pop("tokenizer_image", None)
+                b["codes"] = b["codes"].long()
+                if b["codes"].shape != b["image_mask"].shape:
+                    raise ValueError(
+                        f"visual codes of the '{stream}' stream have shape {tuple(b['codes'].shape)} but the model's patch "
+                        f"grid gives {tuple(b['image_mask'].shape)}: tokenizer and model must use the same patch grid"
+                    )
+            if "text_tokens" in b:
+                tokens = b["text_tokens"]
+                maskable = ~b["padding_mask"].bool() & ~torch.isin(tokens, self.special_token_ids)
+                ratio = self.masking.pair_text_mask_ratio if stream == "pair" else self.masking.text_mask_ratio
+                b["text_targets"] = tokens
+                b["text_tokens"], b["text_mask"] = mask_text(
+                    tokens, maskable, ratio, self.mask_token_id, self.random_token_range, text_gen,
+                    self.masking.mask_replace_prob, self.masking.random_replace_prob,
+                )
+            out[stream] = b
+        return out

@@ -210,7 +210,7 @@ def probe_pretrained(
     index names) that exist under ``data_root``. Image and pair streams need ``visual_tokenizer`` (ours or an official
     VQ-KD ``.pth``) for their codes and are left out without one. Returns a JSON-able report."""
     from .models.pretraining import load_pretraining_model
-    from .pretrain import visual_codes_fn
+    from .data.codes import visual_codes_fn
 
     eval_cfg = eval_cfg or PretrainEvalConfig()
     masking = masking or MaskingConfig()

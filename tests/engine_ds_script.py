@@ -1,14 +1,10 @@
 """Tiny training script for the multi-rank engine tests: ``deepspeed --num_gpus 2 engine_ds_script.py --config X``."""
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _engine_toy import CrashAfter, ToyBatches, ToyRunConfig, make_model
 
-from _engine_toy import CrashAfter, ToyBatches, ToyRunConfig, make_model  # noqa: E402
-
-from beit3.config import load_config, to_dict  # noqa: E402
-from beit3.engine import add_common_args, get_rank, init_distributed, train  # noqa: E402
+from beit3.config import load_config, to_dict
+from beit3.engine import add_common_args, get_rank, init_distributed, train
 
 
 def main():

@@ -1,9 +1,12 @@
 """Smoke test of the training-step benchmark (tiny model): the JSON has every field, all positive. No timing limits."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,7 +15,7 @@ def test_quick_suite_writes_complete_json(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--suite", "quick", "--threads", "1", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=tool_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| backbone_pair |" in proc.stdout
@@ -30,7 +33,8 @@ def test_quick_suite_writes_complete_json(tmp_path):
 
 
 def test_checkpointing_every_k_runs_in_process():
-    from beit3.benchmark import SUITES, BenchConfig, run
+    from beit3.bench.common import SUITES, BenchConfig
+    from beit3.bench.run import run
 
     preset = SUITES["quick"]
     bench = BenchConfig(model=preset["model"], batch=2, text_len=8, repeats=1, warmup=0, baselines=False,
@@ -55,7 +59,7 @@ def test_encoder_block_compiles_without_graph_breaks():
 
 
 def test_pretraining_flops_count_only_the_work_the_loss_needs():
-    from beit3.benchmark_pretraining import pretrain_flops
+    from beit3.bench.pretraining import pretrain_flops
     from beit3.models.registry import model_config
 
     cfg = model_config("beit3_tiny_patch8_32")  # d 64, d_ff 256, depth 2
@@ -73,8 +77,8 @@ def test_pretraining_flops_count_only_the_work_the_loss_needs():
 def test_deepspeed_step_trains_the_tiny_model_under_zero3_bf16_with_checkpointing():
     import torch
 
-    from beit3.benchmark import BenchConfig, make_inputs
-    from beit3.benchmark_pretraining import deepspeed_pretrain_step, pretrain_batch_fn
+    from beit3.bench.common import BenchConfig, make_inputs
+    from beit3.bench.pretraining import deepspeed_pretrain_step, pretrain_batch_fn
     from beit3.models.registry import model_config
 
     bench = BenchConfig(model="beit3_tiny_patch8_32", batch=2, text_len=8, precision="bf16", zero_stage=3,

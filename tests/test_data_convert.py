@@ -1,5 +1,4 @@
 """Converters: tiny files in each public raw layout -> BEiT-3 data root read back by the same readers."""
-import io
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from PIL import Image
 from beit3.data.convert import convert_dataset
 from beit3.data.indexes import build_answer_vocab, normalize_answer, vqa_soft_score
 from beit3.data.pretrain import PretrainDataConfig, build_pretrain_batches
-from beit3.data.readers import read_jsonl
+from beit3.jsonl import read_jsonl
 from beit3.text import TextTokenizer, train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +146,7 @@ def test_imagenet_via_tool(tmp_path):
 def test_photo_release_is_a_coco_karpathy_release(tmp_path):
     """Real photographs (scikit-image / scikit-learn) in the raw Karpathy layout, read by the converter."""
     pytest.importorskip("skimage")
-    from beit3.data.photos import make_photo_release
+    from beit3.demo.photos import make_photo_release
 
     raw, out = tmp_path / "raw", tmp_path / "out"
     summary = make_photo_release(raw, num_images=20, image_size=32, seed=1)

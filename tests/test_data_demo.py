@@ -7,10 +7,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from beit3.data.demo import make_demo_data
-from beit3.data.readers import read_jsonl
+from beit3.demo.data import make_demo_data
+from beit3.jsonl import read_jsonl
 from beit3.text import TextTokenizer
-from data_fixtures import demo_root  # noqa: F401
 
 INDEX_FILES = [f"coco_retrieval.{s}.jsonl" for s in ("train", "val", "test")] + \
     [f"coco_captioning.{s}.jsonl" for s in ("train", "val", "test")] + \
@@ -112,7 +111,7 @@ def test_classification_classes_are_learnable(tmp_path):
 
 
 def test_measure_loading_writes_json(demo_root, tmp_path):
-    from beit3.data.benchmark import measure_loading
+    from beit3.bench.data_loading import measure_loading
 
     result = measure_loading(demo_root, num_images=8, image_size=16, tokenizer_image_size=8, out_json=tmp_path / "b.json")
     assert result["images_per_s_per_worker"] > 0 and result["num_images"] == 8

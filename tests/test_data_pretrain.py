@@ -8,7 +8,6 @@ import torch
 from beit3.config import ConfigError, from_dict
 from beit3.data.pretrain import PretrainDataConfig, build_pretrain_batches
 from beit3.text import TextTokenizer
-from data_fixtures import demo_root  # noqa: F401
 
 
 def _cfg(root, **kw):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from beit3.data.readers import (SkipSample, TarShardIndex, TextLines, expand_shards, list_image_folder, load_image,
-                                read_jsonl, webdataset_stream)
+                                webdataset_stream)
+from beit3.jsonl import read_jsonl
 from beit3.data.transforms import TwoViewTransform, build_finetune_transform, sample_crop_box
 
 

@@ -1,4 +1,4 @@
-"""The demo report (beit3.demo.summarize, tools/demo_report.py) and the log plots (beit3.plots, tools/plot_logs.py) on
+"""The demo report (beit3.demo.summarize, tools/demo_report.py) and the log plots (beit3.demo.plots, tools/plot_logs.py) on
 a fabricated demo run folder: seconds, no training."""
 import json
 import os
@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import beit3
-from beit3.data.readers import read_jsonl
-from beit3.demo import ROWS, caption_constant_cider, random_ranking_recall, summarize, vqa_question_prior_score
-from beit3.plots import image_grid, loss_keys, plot_logs, read_log
-from data_fixtures import demo_root  # noqa: F401
+from beit3.jsonl import read_jsonl
+from beit3.demo.report import ROWS, caption_constant_cider, random_ranking_recall, summarize, vqa_question_prior_score
+from beit3.demo.plots import image_grid, loss_keys, plot_logs, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG"
@@ -33,7 +32,7 @@ def _metrics(run: Path, task: str, values: dict) -> None:
 
 
 @pytest.fixture()
-def demo_run(tmp_path, demo_root):  # noqa: F811
+def demo_run(tmp_path, demo_root):
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(demo_root)
@@ -63,7 +62,7 @@ def demo_run(tmp_path, demo_root):  # noqa: F811
     return run
 
 
-def test_summarize_table_baselines_and_plots(demo_run, demo_root):  # noqa: F811
+def test_summarize_table_baselines_and_plots(demo_run, demo_root):
     result = summarize(demo_run, timings={"pretraining": 12.0})
     rows = {r["key"]: r for r in result["rows"]}
     assert set(rows) == {key for _, _, key, _ in ROWS}
@@ -91,7 +90,7 @@ def test_summarize_table_baselines_and_plots(demo_run, demo_root):  # noqa: F811
     assert saved["rows"] == result["rows"] and saved["timings"] == {"pretraining": 12.0}
 
 
-def test_summarize_missing_runs_and_no_plots(tmp_path, demo_root):  # noqa: F811
+def test_summarize_missing_runs_and_no_plots(tmp_path, demo_root):
     result = summarize(tmp_path, data_root=demo_root, plots=False)
     assert all(r["scratch"] is None and r["pretrained"] is None for r in result["rows"])
     assert "—" in (tmp_path / "results.md").read_text() and result["files"] == {}

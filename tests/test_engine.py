@@ -2,24 +2,19 @@
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with any pytest import mode
 from _engine_toy import Crash, CrashAfter, ToyBatches, ToyRunConfig, make_model
 from beit3.config import ConfigError, from_dict, load_config, to_dict
 from beit3.engine import (DEFAULT_DEEPSPEED_CONFIGS, NonFiniteLossError, OptimConfig, TrainConfig, add_common_args,
                           build_deepspeed_config, export_consolidated_state_dict, lr_factor, param_groups, train)
+from helpers import WeightSnapshot, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "time", "loss_vision", "loss_text"}
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
 def run(out, steps=6, *, crash=0, poison=(), callbacks=(), **train_kw):
@@ -187,21 +182,9 @@ def test_exact_resume_after_crash(tmp_path):
         assert torch.allclose(wa[name], wb[name], atol=1e-6, rtol=0), name
 
 
-class _Snapshot:
-    def __init__(self):
-        self.weights = {}
-
-    def on_step_end(self, ctx, step, metrics):
-        import deepspeed
-
-        weight = ctx.engine.module.patch.weight
-        with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):  # ZeRO-3: gather
-            self.weights[step] = weight.detach().float().clone()
-
-
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (2, "bf16")])
 def test_nonfinite_loss_step_is_skipped(tmp_path, stage, precision):
-    snap = _Snapshot()
+    snap = WeightSnapshot()
     # micro_batches=2: batch 3 is the 2nd micro batch of step 2 (the first micro batch's gradient is discarded too)
     summary = run(tmp_path / "run", steps=4, poison={3}, zero_stage=stage, precision=precision, callbacks=[snap])
     assert summary["step"] == 4 and summary["skipped_steps"] == 1

@@ -1,24 +1,18 @@
 """Two CPU ranks through the real ``deepspeed`` launcher (gloo): ZeRO-2 exact resume, ZeRO-3 training + export."""
-import json
 import math
-import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from beit3.engine import export_consolidated_state_dict
+from helpers import LAUNCHER, free_port, read_log, tool_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "engine_ds_script.py"
-BIN = Path(sys.executable).parent
-LAUNCHER = BIN / "deepspeed" if (BIN / "deepspeed").exists() else shutil.which("deepspeed")
 
 CONFIG = """
 train:
@@ -38,22 +32,13 @@ batch_size: 16
 """
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(tmp, out, *overrides, expect_ok=True):
     if LAUNCHER is None:
         pytest.skip("deepspeed launcher not found")
     cfg = Path(tmp) / "toy.yaml"
     cfg.write_text(CONFIG)
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on a small CPU box: no thread oversubscription
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the launcher spawns `python` from PATH
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(_free_port()), str(SCRIPT), "--config", str(cfg),
+    env = tool_env()
+    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPT), "--config", str(cfg),
            "--output", str(out), "--set", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp)
     output = proc.stdout + proc.stderr
@@ -62,10 +47,6 @@ def launch(tmp, out, *overrides, expect_ok=True):
     else:
         assert proc.returncode != 0, output[-4000:]
     return output
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
 def assert_loss_falls(log):

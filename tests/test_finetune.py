@@ -2,16 +2,13 @@
 best/, exact resume, config errors (exit 2 naming the key) and the evaluate tool's submission / results files."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with any pytest import mode
-from data_fixtures import demo_root  # noqa: F401  (fixture)
 from beit3.models import create_model
-from beit3.run_finetuning import evaluate_main, main
+from beit3.cli.finetune import evaluate_main, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"imagenet": "demo_imagenet", "vqav2": "demo_vqav2", "nlvr2": "demo_nlvr2",
@@ -32,7 +29,7 @@ def finetune(task, root, out, *extra, steps=3):
 
 
 @pytest.fixture(scope="module")
-def runs(demo_root, tmp_path_factory):  # noqa: F811
+def runs(demo_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("finetune_runs")
     for task in CONFIGS:
         assert finetune(task, demo_root, base / task) == 0, task
@@ -52,13 +49,13 @@ def test_each_task_trains_evaluates_and_keeps_the_best(task, runs):
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in log)  # finite
 
 
-def test_retrieval_evaluation_deduplicates_images(runs, demo_root):  # noqa: F811
+def test_retrieval_evaluation_deduplicates_images(runs, demo_root):
     final = json.loads((runs / "coco_retrieval" / "metrics.json").read_text())["final"]["metrics"]
     val = [json.loads(line) for line in (demo_root / "coco_retrieval.val.jsonl").read_text().splitlines()]
     assert final["num_texts"] == len(val) and final["num_images"] == len({v["image_id"] for v in val}) < len(val)
 
 
-def test_evaluate_tool_writes_vqa_submission(runs, demo_root, tmp_path):  # noqa: F811
+def test_evaluate_tool_writes_vqa_submission(runs, demo_root, tmp_path):
     out = tmp_path / "vqa" / "metrics.json"
     assert evaluate_main(["--task", "vqav2", "--checkpoint", str(runs / "vqav2"), "--split", "test",
                           "--out", str(out), "--set", f"data.root={demo_root}"]) == 0
@@ -71,7 +68,7 @@ def test_evaluate_tool_writes_vqa_submission(runs, demo_root, tmp_path):  # noqa
     assert report["split"] == "test" and "vqa_score" in report["metrics"]
 
 
-def test_evaluate_tool_writes_caption_results(runs, demo_root, tmp_path):  # noqa: F811
+def test_evaluate_tool_writes_caption_results(runs, demo_root, tmp_path):
     out = tmp_path / "cap" / "metrics.json"
     assert evaluate_main(["--task", "coco_captioning", "--checkpoint", str(runs / "coco_captioning" / "best"),
                           "--config", str(runs / "coco_captioning" / "config.yaml"), "--split", "test",
@@ -84,7 +81,7 @@ def test_evaluate_tool_writes_caption_results(runs, demo_root, tmp_path):  # noq
     assert {"Bleu_4", "CIDEr"} <= set(metrics)
 
 
-def test_zero_shot_retrieval_from_a_checkpoint_file(demo_root, tmp_path):  # noqa: F811
+def test_zero_shot_retrieval_from_a_checkpoint_file(demo_root, tmp_path):
     torch.manual_seed(0)
     model = create_model("beit3_tiny_patch8_32_retrieval")
     torch.save({"model": model.state_dict()}, tmp_path / "itc.pth")
@@ -96,7 +93,7 @@ def test_zero_shot_retrieval_from_a_checkpoint_file(demo_root, tmp_path):  # noq
     assert {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "average_score"} <= set(metrics)
 
 
-def test_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path):  # noqa: F811
+def test_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path):
     full = tmp_path / "full"
     assert finetune("coco_retrieval", demo_root, full, "train.save_every=2", "train.keep_last=2", steps=4) == 0
     resumed = tmp_path / "resumed"
@@ -122,12 +119,12 @@ def test_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path):  # noqa: 
     ("eval.split=train", "eval.split"),
     ("model.init_from=/nonexistent.pth", "model.init_from"),
 ])
-def test_bad_config_exits_2_naming_the_key(override, named, demo_root, tmp_path, capsys):  # noqa: F811
+def test_bad_config_exits_2_naming_the_key(override, named, demo_root, tmp_path, capsys):
     assert finetune("nlvr2", demo_root, tmp_path / "bad", override) == 2
     assert named in capsys.readouterr().err
 
 
-def test_task_mismatch_between_flag_and_config_is_an_error(demo_root, tmp_path, capsys):  # noqa: F811
+def test_task_mismatch_between_flag_and_config_is_an_error(demo_root, tmp_path, capsys):
     args = ["--task", "vqav2", "--config", str(REPO / "configs/finetune/demo_nlvr2.yaml"), "--set",
             f"data.root={demo_root}", f"output_dir={tmp_path}"]
     assert main(args) == 2 and "nlvr2" in capsys.readouterr().err

@@ -1,14 +1,12 @@
 """Fine-tuning pieces in isolation: caption masking, the resumable training batches, rank-sharded evaluation batches,
 the head lr weight and the tools' config checks."""
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with any pytest import mode
 from beit3.engine import OptimConfig, param_groups
 from beit3.finetune import FinetuneObjective, SampleDataset, TrainBatches, eval_batches, mask_caption
 from beit3.finetune.task import TaskContext
@@ -104,8 +102,9 @@ def test_shipped_configs_load(path):
     from beit3.config import load_config
     from beit3.finetune import TASKS
     from beit3.models import model_config
-    from beit3.run_finetuning import FinetuneConfig
+    from beit3.cli.finetune import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, path)
     assert cfg.task in TASKS and path.stem.removeprefix("demo_") in (cfg.task, cfg.task.split("_")[-1], "vqav2")
     assert model_config(cfg.model.name, **{k: v for k, v in cfg.model.overrides.items() if k != "itm"}).img_size == cfg.data.image_size
+

@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from beit3.config import ConfigError, from_dict, load_config, parse_overrides
-from beit3.data.readers import SkipSample, TarShardIndex, TextLines, decode_image, read_jsonl
+from beit3.data.readers import SkipSample, TarShardIndex, TextLines, decode_image
+from beit3.jsonl import read_jsonl
 from beit3.engine.checkpointing import load_rank_state
 from beit3.engine.safe_load import safe_torch_load
 from beit3.errors import CheckpointError
 from beit3.models.checkpoint import read_state_dict
-from beit3.run_pretraining import PretrainConfig
+from beit3.cli.pretrain import PretrainConfig
 from beit3.text import TextTokenizer
 from tokenizer import load_tokenizer
 
@@ -155,7 +156,7 @@ def test_truncated_shard_keeps_the_samples_before_the_break(tmp_path):
 # ------------------------------------------------------------------------------------------ SentencePiece models
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory):
-    from beit3.data.demo import make_demo_data
+    from beit3.demo.data import make_demo_data
 
     root = tmp_path_factory.mktemp("spm")
     make_demo_data(root, num_images=20, image_size=16, seed=0, num_shards=1)

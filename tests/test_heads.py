@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import beit3
 from beit3.models.tasks import clip_loss, pad_token_ids, retrieval_scores, vqa_loss, zero_shot_classifier, zero_shot_logits
 
-from dist_helpers import loss_and_grads_on_two_ranks
+from helpers import loss_and_grads_on_two_ranks
 
 TINY = "beit3_tiny_patch8_32_{}"
 D, V = 64, 1000  # tiny width and vocabulary

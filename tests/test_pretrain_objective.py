@@ -9,9 +9,10 @@ import torch.nn.functional as F
 import beit3
 from beit3.masking import BlockMaskGenerator, MaskingConfig, mask_text
 from beit3.models.pretraining import BEiT3ForPretraining
-from beit3.pretrain import MaskedDataModeling, ObjectiveConfig, PretrainInputs, apply_stage
+from beit3.masked_data_modeling import MaskedDataModeling, ObjectiveConfig, apply_stage
+from beit3.masking import PretrainInputs
 
-from dist_helpers import loss_and_grads_on_two_ranks
+from helpers import loss_and_grads_on_two_ranks
 
 
 @pytest.mark.parametrize("grid,ratio", [((14, 14), 0.4), ((4, 4), 0.4), ((6, 8), 0.25)])

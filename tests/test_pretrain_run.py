@@ -3,7 +3,6 @@ launcher (ZeRO-2 and ZeRO-3), exact resume after a kill, export, and start-up er
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,9 @@ import pytest
 import torch
 
 import beit3
-from beit3.data.demo import make_demo_data
-from beit3.run_pretraining import main as pretrain_main
+from beit3.demo.data import make_demo_data
+from beit3.cli.pretrain import main as pretrain_main
+from helpers import free_port, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -25,22 +25,13 @@ TINY = [
 ]
 
 
-def _env():
-    # in-process engine tests leave RANK/MASTER_PORT/... of their own process group in os.environ: drop them
-    distributed = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in distributed}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
 
 def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
 def _run(cmd, timeout=600):
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=tool_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -62,15 +53,9 @@ def demo(tmp_path_factory):
     return {"base": base, "root": root, "tok": tok}
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _pretrain_cmd(demo, out, *extra):
     return [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "tools/pretrain.py"),
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tools/pretrain.py"),
         "--config", str(ROOT / "configs/pretrain/demo.yaml"),
         *_sets([f"data.root={demo['root']}", f"tokenizer.path={demo['tok']}", f"train.steps={STEPS}", f"output_dir={out}",
                 *TINY, *extra]),
@@ -143,7 +128,7 @@ def _assert_eval_equals_one_process_probe(run, export, demo):
     evaluation of the exported weights in this one process."""
     from beit3.config import load_config
     from beit3.probing import probe_pretrained
-    from beit3.run_pretraining import PretrainConfig
+    from beit3.cli.pretrain import PretrainConfig
 
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "eval_acc_pair_text" in line]
     assert [r["step"] for r in rows] == [STEPS]  # demo.yaml evaluates every 100 steps and after the last one
@@ -161,7 +146,7 @@ def _assert_eval_equals_one_process_probe(run, export, demo):
 def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(demo, zero2_run):
     out = demo["base"] / "killed"
     cmd = _pretrain_cmd(demo, out, "train.zero_stage=2")
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=tool_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -202,7 +187,7 @@ def test_bad_configs_stop_at_once_naming_the_key(demo, tmp_path, capsys, overrid
 def test_pretraining_from_precomputed_codes(demo, tmp_path):
     """tools/tokenize_dataset.py codes both image indexes; pretraining then reads codes instead of the tokenizer."""
     from beit3.config import load_config
-    from beit3.run_pretraining import PretrainConfig, build_pretraining
+    from beit3.cli.pretrain import PretrainConfig, build_pretraining
     from tokenizer import load_tokenizer
 
     root = demo["root"]

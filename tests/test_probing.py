@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from data_fixtures import demo_root  # noqa: F401
 
 from beit3.masking import MaskingConfig
 from beit3.models.pretraining import BEiT3ForPretraining
@@ -204,7 +203,7 @@ def test_evaluations_repeat_exactly_and_do_not_depend_on_the_batch_size(demo_roo
 
 
 def test_probe_tool_on_an_export_and_on_an_official_layout_file(demo_root, tmp_path, capsys):
-    from beit3.cli import probe_pretrained_main
+    from beit3.cli.commands import probe_pretrained_main
     from beit3.models import save_pretrained
 
     model = _model(demo_root)

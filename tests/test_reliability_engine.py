@@ -4,23 +4,18 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _engine_toy import Crash, CrashAfter, ToyBatches, make_model  # noqa: E402
-from beit3.config import ConfigError, to_dict  # noqa: E402
-from beit3.engine import (DataFaultError, NonFiniteLossError, OptimConfig, TrainConfig, TrainingStopped,  # noqa: E402
+from _engine_toy import Crash, CrashAfter, ToyBatches, make_model
+from beit3.config import ConfigError, to_dict
+from beit3.engine import (DataFaultError, NonFiniteLossError, OptimConfig, TrainConfig, TrainingStopped,
                           estimate_checkpoint_bytes, export_consolidated_state_dict, find_resume_tag, train)
-from beit3.engine import checkpointing  # noqa: E402
-from beit3.errors import CheckpointError  # noqa: E402
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+from beit3.engine import checkpointing
+from beit3.errors import CheckpointError
+from helpers import WeightSnapshot, read_log
 
 
 def run(out, steps=6, *, crash=0, batches_kw=None, callbacks=(), **train_kw):
@@ -129,21 +124,9 @@ def test_export_picks_a_complete_checkpoint(tmp_path, reference):
 
 
 # ----------------------------------------------------------------------------------------- non-finite gradients
-class _Snapshot:
-    def __init__(self):
-        self.weights = {}
-
-    def on_step_end(self, ctx, step, metrics):
-        import deepspeed
-
-        weight = ctx.engine.module.patch.weight
-        with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):
-            self.weights[step] = weight.detach().float().clone()
-
-
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_nonfinite_gradient_with_finite_loss_is_skipped(tmp_path, stage, precision):
-    snap = _Snapshot()
+    snap = WeightSnapshot()
     summary = run(tmp_path / "run", steps=4, batches_kw={"grad_poison": {3}}, zero_stage=stage, precision=precision,
                   callbacks=[snap])
     assert summary["step"] == 4 and summary["skipped_steps"] == 1

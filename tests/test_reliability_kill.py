@@ -11,21 +11,17 @@ The per-step losses in ``log.jsonl`` of B+C+D must equal A's to 1e-6.
 import json
 import math
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import LAUNCHER, free_port, tool_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-LAUNCHER = BIN / "deepspeed" if (BIN / "deepspeed").exists() else shutil.which("deepspeed")
 STEPS = 12
 TINY = ["model.overrides.depth=1", "model.overrides.embed_dim=64", "model.overrides.img_size=32",
         "model.overrides.ffn_dim=128", "model.overrides.num_heads=2", "data.image_size=32",
@@ -34,17 +30,11 @@ TINY = ["model.overrides.depth=1", "model.overrides.embed_dim=64", "model.overri
         "train.keep_last=2"]
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     if LAUNCHER is None:
         pytest.skip("deepspeed launcher not found")
-    from beit3.data.demo import make_demo_data
+    from beit3.demo.data import make_demo_data
     from tokenizer import VQKD, save_tokenizer, vqkd_config
 
     tmp = tmp_path_factory.mktemp("kill")
@@ -54,13 +44,11 @@ def env(tmp_path_factory):
 
 
 def start(env, out, extra_env=None):
-    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tools/pretrain.py"),
+    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tools/pretrain.py"),
            "--config", str(REPO / "configs/pretrain/demo.yaml"), "--set", f"data.root={env / 'data'}",
            f"tokenizer.path={env / 'tok'}", f"train.steps={STEPS}", f"output_dir={out}", "train.save_every=2",
            "train.log_every=1", *TINY]
-    run_env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                   PYTHONPATH=os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
-                   **(extra_env or {}))
+    run_env = tool_env(**(extra_env or {}))
     log = open(env / f"{out.name}.{time.time_ns()}.txt", "w+")
     proc = subprocess.Popen(cmd, env=run_env, stdout=log, stderr=subprocess.STDOUT, cwd=env, start_new_session=True)
     return proc, log

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from beit3 import run_pretraining, run_tokenizer_training
-from beit3.data.demo import make_demo_data
+from beit3.cli import pretrain as run_pretraining, train_tokenizer as run_tokenizer_training
+from beit3.demo.data import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.overrides.depth=1", "model.overrides.embed_dim=64", "model.overrides.img_size=32",

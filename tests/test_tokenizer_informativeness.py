@@ -1,7 +1,7 @@
 """code_informativeness: held-out reconstruction with true vs. shuffled codes (do the codes mean anything?)."""
 import pytest
 import torch
-from shape_images import shape_images
+from helpers import shape_images
 
 from beit3.config import from_dict
 from beit3.engine import OptimConfig, param_groups

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shape_images import shape_image
+from helpers import shape_image
 
 from tokenizer import VQKD, load_precomputed_codes, save_tokenizer, vqkd_config
-from tokenizer.precomputed import eval_transform, list_image_folder, read_jsonl_index, tokenize_images
+from tokenizer.precomputed import eval_transform, list_images, read_jsonl_index, tokenize_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def image_root(tmp_path):
 
 def test_folder_to_codes_matches_direct_tokenization(tmp_path, image_root):
     tokenizer = VQKD(vqkd_config("vqkd_tiny")).eval()
-    paths = list_image_folder(image_root)
+    paths = list_images(image_root)
     assert paths == ["a/x.jpg", "a/y.png", "b/z.jpg"]
     out = tokenize_images(tokenizer, image_root, paths, tmp_path / "codes", batch_size=2)
     rows, codes = load_precomputed_codes(out)
@@ -57,9 +57,28 @@ def test_cli_with_jsonl_index(tmp_path, image_root):
 
 def test_bad_sources_are_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "no image"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: entry has no string 'image_path'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl' entry 1: no string 'image_path'"):
         read_jsonl_index(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="codes.npy is missing"):
         load_precomputed_codes(tmp_path)
     with pytest.raises(ValueError, match="built for 32x32"):
         VQKD(vqkd_config("vqkd_tiny")).get_codebook_indices(torch.rand(1, 3, 37, 37))
+
+
+@pytest.mark.parametrize("resize", [None, 40])
+def test_stored_codes_view_is_the_view_the_codes_were_made_from(tmp_path, resize):
+    """The pretraining reader of stored codes (beit3.data.codes) shows the model the crop tokenize_images coded."""
+    from beit3.data.codes import PrecomputedCodes
+    from beit3.data.transforms import BEIT3_MEAN, BEIT3_STD
+
+    tokenizer = VQKD(vqkd_config("vqkd_tiny")).eval()
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 61, 3), dtype=np.uint8))
+    (tmp_path / "im").mkdir()
+    image.save(tmp_path / "im" / "wide.png")
+    out = tokenize_images(tokenizer, tmp_path / "im", ["wide.png"], tmp_path / "codes", resize=resize)
+    reader = PrecomputedCodes(out, image_size=tokenizer.config.img_size)
+    model_view, codes = reader(image, "wide.png")
+    mean, std = torch.tensor(BEIT3_MEAN)[:, None, None], torch.tensor(BEIT3_STD)[:, None, None]
+    coded_view = eval_transform(tokenizer.config.img_size, resize)(image)
+    assert torch.allclose(model_view * std + mean, coded_view, atol=1e-6)
+    assert torch.equal(codes, tokenizer.get_codebook_indices(coded_view[None]).view(-1).long())

@@ -1,7 +1,7 @@
 """Training objective: config resolution, param groups, usage tracking, histogram, and a short real training loop."""
 import pytest
 import torch
-from shape_images import shape_images
+from helpers import shape_images
 
 from beit3.config import ConfigError, from_dict
 from beit3.engine import OptimConfig, param_groups

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
-from beit3.config import ConfigError, from_dict
-from beit3.errors import CheckpointError
+from beit3.config import from_dict
+from beit3.errors import CheckpointLayoutError, ConfigError
 from tokenizer.vqkd import CONFIG_FILE, VQKD, WEIGHTS_FILE, VQKDConfig
 
 DROPPED_PREFIXES = ("teacher", "scaling", "loss")
@@ -32,10 +32,6 @@ REQUIRED_KEYS = (
     "encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed.proj.weight", "encoder.blocks.0.mlp.fc1.weight",
     "decoder.blocks.0.attn.qkv.weight", "quantize.embedding.weight", "decode_task_layer.2.weight",
 )
-
-
-class CheckpointLayoutError(CheckpointError):
-    """A checkpoint that is not a VQ-KD tokenizer in a layout we know."""
 
 
 def save_tokenizer(model: VQKD, directory: str | Path) -> Path:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from beit3.jsonl import read_jsonl
 from tokenizer.vqkd import VQKD
 
 CODES_FILE = "codes.npy"
@@ -32,44 +33,46 @@ META_FILE = "codes_meta.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def list_image_folder(root: str | Path) -> list[str]:
-    """Image files below ``root`` (by suffix), as sorted POSIX paths relative to ``root``."""
+def list_images(root: str | Path, allow_empty: bool = False) -> list[str]:
+    """Image files below ``root`` (by suffix, any depth), as sorted POSIX paths relative to ``root``; a folder
+    without images is an error unless ``allow_empty``."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
+    if not paths and not allow_empty:
         raise ValueError(f"image folder '{root}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
 def read_jsonl_index(index_file: str | Path) -> list[str]:
     """Distinct ``image_path`` values of a BEiT-3 JSONL index, in first-seen order."""
-    index_file = Path(index_file)
     paths: dict[str, None] = {}
-    for line_no, line in enumerate(index_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{index_file}:{line_no}: not valid JSON: {err}") from err
-        if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str):
-            raise ValueError(f"{index_file}:{line_no}: entry has no string 'image_path'")
+    for number, entry in enumerate(read_jsonl(index_file), 1):
+        if not isinstance(entry.get("image_path"), str):
+            raise ValueError(f"index file '{index_file}' entry {number}: no string 'image_path'")
         paths[entry["image_path"]] = None
     if not paths:
         raise ValueError(f"JSONL index '{index_file}' has no entries")
     return list(paths)
 
 
+def default_resize(img_size: int) -> int:
+    """The shorter side the fixed view resizes to before its center crop (the official ``img_size * 256 / 224``)."""
+    return round(img_size * 256 / 224)
+
+
+def fixed_view(img_size: int, resize: int | None = None) -> list:
+    """The PIL steps of the one view precomputed codes are made from: bicubic resize of the shorter side to
+    ``resize`` (default :func:`default_resize`), center crop to ``img_size``. Both the offline tokenisation
+    (:func:`eval_transform`) and the pretraining reader of stored codes (``beit3.data.codes``) build on it."""
+    return [transforms.Resize(resize or default_resize(img_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(img_size)]
+
+
 def eval_transform(img_size: int, resize: int | None = None) -> transforms.Compose:
-    """Resize (shorter side, bicubic) + center crop + ToTensor: the official VQ-KD validation view."""
-    resize = resize or round(img_size * 256 / 224)
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-    ])
+    """:func:`fixed_view` + ToTensor ([0, 1]): the official VQ-KD validation view, what the tokenizer codes."""
+    return transforms.Compose(fixed_view(img_size, resize) + [transforms.ToTensor()])
 
 
 class _ImageList(Dataset):
@@ -109,7 +112,7 @@ def tokenize_images(tokenizer: VQKD, root: str | Path, image_paths: list[str], o
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / CODES_FILE, codes)
     _write_lines(out_dir / INDEX_FILE, (json.dumps({"image_path": p, "row": i}) for i, p in enumerate(image_paths)))
-    meta = {"tokenizer": tokenizer_name, "img_size": cfg.img_size, "resize": resize or round(cfg.img_size * 256 / 224),
+    meta = {"tokenizer": tokenizer_name, "img_size": cfg.img_size, "resize": resize or default_resize(cfg.img_size),
             "num_patches": cfg.num_patches, "codebook_size": cfg.codebook_size, "dtype": np.dtype(dtype).name,
             "num_images": len(image_paths)}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))

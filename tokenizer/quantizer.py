@@ -13,32 +13,15 @@ Differences from the official code, all deliberate:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from beit3.comm import all_reduce_, broadcast_from_rank0
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     """Normalise along the last dimension to unit length."""
     return F.normalize(x, p=2, dim=-1)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` in place across ranks when torch.distributed is running; returns ``x``."""
-    if _distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
-    """Overwrite ``x`` in place with rank 0's value when torch.distributed is running; returns ``x``."""
-    if _distributed():
-        dist.broadcast(x, src=0)
-    return x
 
 
 def cosine_kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +134,10 @@ class NormEMAQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        bins = all_reduce_sum(torch.bincount(indices, minlength=self.num_codes).to(flat.dtype))
+        bins = all_reduce_(torch.bincount(indices, minlength=self.num_codes).to(flat.dtype))
         self.cluster_size.mul_(self.decay).add_(bins, alpha=1.0 - self.decay)
         unused = bins == 0
-        embed_sum = all_reduce_sum(flat.new_zeros(self.num_codes, self.code_dim).index_add_(0, indices, flat))
+        embed_sum = all_reduce_(flat.new_zeros(self.num_codes, self.code_dim).index_add_(0, indices, flat))
         weight = self.embedding.weight.float()
         means = torch.where(unused[:, None], weight, l2norm(embed_sum / bins.clamp(min=1.0)[:, None]))
         self.embedding.weight.copy_(l2norm(weight * self.decay + means * (1.0 - self.decay)))

@@ -31,11 +31,7 @@ from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from beit3.config import ConfigError
-
-
-class TeacherWeightsError(ValueError):
-    """A teacher weight file that cannot be read or does not match the named model."""
+from beit3.errors import ConfigError, TeacherWeightsError
 
 
 @dataclass
@@ -57,16 +53,10 @@ class TeacherConfig:
     hog_colour_weight: float = 0.0  # hog: > 0 appends the patch's mean colour (RGB - 0.5) times this weight
 
 
-# HOG settings for the CPU demo (``vqkd_demo`` on ``make_demo_data`` images, 64 px, patch 8). With the plain MaskFeat
-# HOG (the ``TeacherConfig`` defaults) the demo tokenizer's codes carried no information: targets are non-negative
-# and share one dominant direction, the decoder learns that mean, the encoder outputs collapse onto one point, and
-# true vs. shuffled codes give the same held-out loss (0.271 vs 0.271 after 300 steps, rec loss of the per-position
-# mean target 0.263). Centring removes the shared direction; blurring (sigma 2 px) and the norm floor keep the
-# demo images' pixel noise (sigma 6/255) and faint textures from dominating flat cells; one 8x8 cell per patch
-# (27-d target) averages the remaining noise (with 2x2 cells, 108-d, the decoder still ignored the codes after 300
-# steps). Measured (300 steps, batch 64, AdamW lr 1e-3, warmup 30, cosine to 1e-4, restart 10, seed 0, 80 val
-# images): rec loss true 0.485 vs shuffled 0.797 (gap 0.39), val usage 81%. NOT yet robust: the decoder starts to
-# use the codes only after ~120-150 steps, and with lr 2e-3 it never did within 300 steps (gap 0.003).
+# HOG settings for small noisy images (the CPU demo's ``vqkd_demo``, 64 px, patch 8): centring removes the direction
+# all HOG targets share (see HOGTeacher), blurring and the norm floor keep pixel noise and faint textures from
+# dominating flat cells, and one cell per patch (27-d target) averages the remaining noise. Why and how it was
+# measured: README, "Visual tokenizer on the demo data".
 DEMO_HOG_TEACHER = TeacherConfig(kind="hog", hog_bins=9, hog_cells_per_side=1, hog_norm_floor=0.1,
                                  hog_smooth_sigma=2.0, hog_center=True)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.config import ConfigError, from_dict, to_dict
-from tokenizer.quantizer import all_reduce_sum
+from beit3.comm import all_reduce_
 from tokenizer.teachers import FrozenTeacher, TeacherConfig, build_teacher
 from tokenizer.vqkd import VQKD, VQKDConfig, vqkd_config
 
@@ -83,7 +83,7 @@ class CodeUsageTracker:
         """Add a batch of code ids (any shape)."""
         counts = torch.bincount(codes.reshape(-1), minlength=self.num_codes)
         if self.distributed:
-            counts = all_reduce_sum(counts)
+            counts = all_reduce_(counts)
         counts = counts.cpu()
         if len(self.history) == self.history.maxlen:
             self.total -= self.history[0]

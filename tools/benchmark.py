@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from beit3.benchmark import ALL_CASES, SUITES, BenchConfig, format_table, run, write_json  # noqa: E402
+from beit3.bench.common import ALL_CASES, SUITES, BenchConfig  # noqa: E402
+from beit3.bench.run import format_table, run, write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -2,7 +2,7 @@
 import argparse
 import json
 
-from beit3.data.benchmark import measure_loading
+from beit3.bench.data_loading import measure_loading
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from beit3.demo import summarize
+from beit3.demo.report import summarize
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ for zero-shot evaluation) and write a metrics JSON, plus the VQAv2 submission / 
 """
 import sys
 
-from beit3.run_finetuning import evaluate_main
+from beit3.cli.finetune import evaluate_main
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

@@ -6,7 +6,7 @@
 """
 import argparse
 
-from beit3.plots import gap_keys, plot_logs, read_log
+from beit3.demo.plots import gap_keys, plot_logs, read_log
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 """
 import sys
 
-from beit3.run_pretraining import main
+from beit3.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

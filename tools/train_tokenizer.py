@@ -7,7 +7,7 @@ OUT/codebook_usage.png.
 """
 import sys
 
-from beit3.run_tokenizer_training import main
+from beit3.cli.train_tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

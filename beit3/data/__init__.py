@@ -1,1 +1,2 @@
-"""Data layer: readers, transforms, multi-source pretraining batches, demo data and raw-format converters."""
+"""Data layer: readers, transforms, multi-source pretraining batches, visual-token targets, held-out sets and
+raw-format converters."""

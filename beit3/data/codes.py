@@ -1,4 +1,5 @@
-"""Precomputed visual-token codes (written by ``tools/tokenize_dataset.py``) as a pretraining target source.
+"""The visual-token targets of pretraining: precomputed codes (written by ``tools/tokenize_dataset.py``) or the frozen
+tokenizer run on each batch (:func:`visual_codes_fn`).
 
 With ``data.codes_dir`` set, image-bearing streams skip the online tokenizer: each image gets the fixed view its
 codes were computed on (bicubic resize of the shorter side + center crop, no flip or jitter), normalised for the
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from tokenizer.precomputed import META_FILE, load_precomputed_codes
+from tokenizer.precomputed import META_FILE, fixed_view, load_precomputed_codes
 
 from .readers import SkipSample
 from .transforms import BEIT3_MEAN, BEIT3_STD
@@ -36,13 +38,9 @@ class PrecomputedCodes:
         self.rows, self.codes = load_precomputed_codes(self.directory)
         self.meta = read_codes_meta(self.directory)
         crop = int(self.meta["img_size"])
-        self.view = T.Compose([
-            T.Resize(int(self.meta["resize"]), interpolation=InterpolationMode.BICUBIC),
-            T.CenterCrop(crop),
-            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC) if image_size != crop else T.Lambda(lambda x: x),
-            T.ToTensor(),
-            T.Normalize(BEIT3_MEAN, BEIT3_STD),
-        ])
+        to_model = [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC)] if image_size != crop else []
+        self.view = T.Compose(fixed_view(crop, int(self.meta["resize"])) + to_model
+                              + [T.ToTensor(), T.Normalize(BEIT3_MEAN, BEIT3_STD)])
 
     @property
     def codebook_size(self) -> int:
@@ -58,3 +56,19 @@ class PrecomputedCodes:
         if row is None:
             raise SkipSample("no_codes", f"'{image_path}' has no codes in '{self.directory}'")
         return self.view(image), torch.from_numpy(self.codes[row].astype("int64"))
+
+
+def visual_codes_fn(path: str, precision: str, device: torch.device, img_size: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
+    """The frozen tokenizer outside the engine at ``img_size`` px (positions resampled if it was trained at another
+    size): eval mode, no grad, bf16 autocast on GPU (fp32 code search)."""
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path, device=device, img_size=img_size).eval().requires_grad_(False)
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+    @torch.no_grad()
+    def codes(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return tok.get_codebook_indices(images.to(device, non_blocking=True))
+
+    return codes, tok

@@ -11,25 +11,15 @@ Layouts (one JSON object per line, image paths relative to the data root):
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from beit3.jsonl import write_jsonl  # noqa: F401  (used as indexes.write_jsonl)
 from beit3.text import TextTokenizer
 
 
-def write_jsonl(path: str | Path, items: Iterable[dict]) -> int:
-    """Write ``items`` one JSON object per line; returns the number of lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w") as f:
-        for item in items:
-            f.write(json.dumps(item) + "\n")
-            n += 1
-    return n
 
 
 def retrieval_items(images: Sequence[tuple[str, Sequence[str]]], tokenizer: TextTokenizer) -> list[dict]:

@@ -29,13 +29,12 @@ from beit3.data.codes import PrecomputedCodes
 from beit3.data.readers import SkipSample
 from beit3.data.sources import open_image_source, open_pair_source, open_text_source
 from beit3.data.transforms import TwoViewTransform
+from beit3.errors import SkipLimitError
 from beit3.text import TextTokenizer
 
 STREAMS = ("image", "text", "pair")
 
 
-class SkipLimitError(RuntimeError):
-    """The fraction of skipped samples passed ``data.max_skip_fraction``; the message has the counts by reason."""
 _STREAM_CODES = {name: code for code, name in enumerate(STREAMS)}
 
 

@@ -11,8 +11,6 @@ unreadable from the start is left out with a warning (an error only when no shar
 from __future__ import annotations
 
 import io
-import json
-import os
 import tarfile
 import warnings
 from bisect import bisect_right
@@ -24,7 +22,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from tokenizer.precomputed import list_images
+
 MAX_TEXT_BYTES = 1 << 16  # a longer line/caption is a broken record (e.g. a file without newlines), not a sentence
 
 
@@ -54,28 +53,6 @@ def load_image(path: str | Path) -> Image.Image:
     return decode_image(data, str(path))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All objects of a JSONL file; a missing file or a malformed line raises ValueError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"index file '{path}' does not exist")
-    items = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"index file '{path}' line {number}: not UTF-8 text ({err})") from err
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as err:
-                raise ValueError(f"index file '{path}' line {number}: not valid JSON ({err})") from err
-            if not isinstance(item, dict):
-                raise ValueError(f"index file '{path}' line {number}: expected a JSON object, got {item!r}")
-            items.append(item)
-    return items
 
 
 def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -84,12 +61,8 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    samples = [
-        (str(f.relative_to(root)), label)
-        for label, name in enumerate(classes)
-        for f in sorted((root / name).rglob("*"))
-        if f.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    samples = [(f"{name}/{path}", label) for label, name in enumerate(classes)
+               for path in list_images(root / name, allow_empty=True)]
     if not samples:
         raise ValueError(f"image folder '{root}' holds no images in class sub-folders")
     return samples, classes

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from beit3.data.readers import (MAX_TEXT_BYTES, SkipSample, TarShardIndex, TextLines, decode_image, expand_shards, list_image_folder,
-                                load_image, read_jsonl)
+                                load_image)
+from beit3.jsonl import read_jsonl
 from beit3.text import TextTokenizer
 
 

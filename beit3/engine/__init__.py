@@ -1,4 +1,5 @@
-"""The generic DeepSpeed training engine (ZeRO 0/1/2/3, fp32/bf16) used by every training tool.
+"""The generic DeepSpeed training engine (ZeRO 0/1/2/3, fp32/bf16) used by every training tool: one optimizer step
+is :func:`train_step` (``step.py``), the loop around it :func:`train` (``loop.py``).
 
 Contract for ``train(model, batches, train_cfg, optim_cfg, output_dir, config_snapshot=..., callbacks=...)``:
 
@@ -44,13 +45,15 @@ from .checkpointing import (check_checkpoint_space, estimate_checkpoint_bytes, e
                             find_resume_tag, read_latest, resolve_checkpoint)
 from .config import DEFAULT_DEEPSPEED_CONFIGS, OptimConfig, TrainConfig, build_deepspeed_config
 from .dist import add_common_args, all_reduce_, barrier, gathered_parameters, get_local_rank, get_rank, get_world_size, init_distributed, is_main_process
-from .loop import Callback, DataFaultError, NonFiniteLossError, TrainingStopped, move_to_device, train
+from ..errors import DataFaultError, NonFiniteLossError, TrainingStopped
+from .loop import Callback, train
 from .optim import WarmupCosineSchedule, build_optimizer, lr_factor, param_groups
+from .step import StepResult, move_to_device, train_step
 
 __all__ = [
     "Callback", "DEFAULT_DEEPSPEED_CONFIGS", "DataFaultError", "NonFiniteLossError", "TrainingStopped",
     "check_checkpoint_space", "estimate_checkpoint_bytes", "find_resume_tag", "OptimConfig", "TrainConfig", "WarmupCosineSchedule",
     "add_common_args", "all_reduce_", "barrier", "gathered_parameters", "build_deepspeed_config", "build_optimizer", "export_consolidated_state_dict",
     "get_local_rank", "get_rank", "get_world_size", "init_distributed", "is_main_process", "lr_factor",
-    "move_to_device", "param_groups", "read_latest", "resolve_checkpoint", "train",
+    "move_to_device", "param_groups", "read_latest", "resolve_checkpoint", "StepResult", "train", "train_step",
 ]

@@ -10,6 +10,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..comm import all_reduce_, barrier, get_rank, get_world_size  # noqa: F401  (this package's API)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -65,12 +67,8 @@ def _skip_cpu_shm_comm_build() -> None:
         pass
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def get_local_rank() -> int:
@@ -81,19 +79,8 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
 
 
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce ('sum', 'max', 'mean') over all ranks; a no-op for one process."""
-    if get_world_size() > 1:
-        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        dist.all_reduce(tensor, op=reduce_op)
-        if op == "mean":
-            tensor /= get_world_size()
-    return tensor
 
 
 def gathered_parameters(engine):

@@ -1,6 +1,6 @@
 """Fine-tuning of BEiT-3 on the official downstream tasks: one module per task (dataset adapter, loss, evaluation,
 inference), the shared data plumbing and evaluation loop. The run wiring (configs, tools) is in
-:mod:`beit3.run_finetuning`."""
+:mod:`beit3.cli.finetune`."""
 from .captioning import CaptioningOptions, CaptioningTask, mask_caption, read_references
 from .data import SampleDataset, TrainBatches, eval_batches, read_index
 from .evaluation import EvalCallback, evaluate, write_predictions

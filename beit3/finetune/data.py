@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from beit3.data.pretrain import StepsFrom, derive_seed
-from beit3.data.readers import load_image, read_jsonl
+from beit3.data.readers import load_image
+from beit3.jsonl import read_jsonl
 
 # Collate: list of per-sample dicts -> batch dict (tensors stacked, ints/floats to tensors, other values as lists).
 Collate = Callable[[list[dict]], dict]

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from beit3.data.readers import read_jsonl
+from beit3.jsonl import read_jsonl
 from beit3.metrics import vqa_soft_score
 from beit3.models.tasks import vqa_loss
 

@@ -1,5 +1,5 @@
 """The BEiT-3 backbone: embeddings + a Multiway Transformer encoder, computing exactly what the official
-torchscale ``BEiT3`` computes (reference: ``shared/reference/beit3.md`` §1), with the official parameter names so the
+torchscale ``BEiT3`` computes (``torchscale/model/BEiT3.py``, tested against it), with the official parameter names so the
 released checkpoints load unchanged.
 """
 from __future__ import annotations

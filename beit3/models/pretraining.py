@@ -14,7 +14,7 @@ from torch import nn
 from .backbone import BEiT3Config
 from .checkpoint import CONFIG_FILE, CheckpointError, from_pretrained, load_checkpoint, read_state_dict
 from .contrastive import ITMHead, add_contrastive_heads
-from .heads import BEiT3TaskModel
+from .task_model import BEiT3TaskModel
 from .layers import init_linear_and_norm
 from .registry import model_config, register_model_class
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import POSITION_OFFSET, BEiT3Config
-from ..heads import BEiT3TaskModel, check_batch
+from ..heads import check_batch
+from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class
 
 

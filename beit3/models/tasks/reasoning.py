@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..backbone import BEiT3Config
-from ..heads import BEiT3TaskModel, TwoLayerMLP, check_batch, cls_features
+from ..heads import TwoLayerMLP, check_batch, cls_features
+from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class
 
 

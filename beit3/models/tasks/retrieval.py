@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..backbone import BEiT3Config
 from ..contrastive import ITMHead, add_contrastive_heads, clip_loss, gather_with_grad, matching_batch, sample_hard_negatives
-from ..heads import BEiT3TaskModel, check_batch
+from ..heads import check_batch
+from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class
 
 __all__ = ["BEiT3ForRetrieval", "ITMHead", "clip_loss", "gather_with_grad"]

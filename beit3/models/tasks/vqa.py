@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import BEiT3Config
-from ..heads import BEiT3TaskModel, Pooler, check_batch
+from ..heads import Pooler, check_batch
+from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class
 
 VQAV2_NUM_ANSWERS = 3129

@@ -23,8 +23,8 @@ def _fail(err: Exception) -> int:
 def make_demo_data_main(argv: Argv = None) -> int:
     """Generate the procedural demo data root (images, BEiT-3 index files, corpus, beit3.spm, WebDataset shards), or
     with --photos a COCO Karpathy raw release of real photographs (for tools/convert_dataset.py coco_karpathy)."""
-    from beit3.data.demo import make_demo_data
-    from beit3.data.photos import make_photo_release
+    from beit3.demo.data import make_demo_data
+    from beit3.demo.photos import make_photo_release
 
     parser = argparse.ArgumentParser(description=make_demo_data_main.__doc__)
     parser.add_argument("--out", required=True, help="output data root (with --photos: the raw release folder)")
@@ -94,7 +94,7 @@ def tokenize_dataset_main(argv: Argv = None) -> int:
         --index data/imagenet.train.index.jsonl data/coco_retrieval.train.jsonl --root data --out data/codes --device cuda
     """
     from tokenizer.checkpoint import load_tokenizer
-    from tokenizer.precomputed import list_image_folder, read_jsonl_index, tokenize_images
+    from tokenizer.precomputed import list_images, read_jsonl_index, tokenize_images
 
     parser = argparse.ArgumentParser(description=tokenize_dataset_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +112,7 @@ def tokenize_dataset_main(argv: Argv = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.images:
-            root, paths = Path(args.images), list_image_folder(args.images)
+            root, paths = Path(args.images), list_images(args.images)
         else:
             root = Path(args.root or Path(args.index[0]).parent)
             paths = list(dict.fromkeys(p for index in args.index for p in read_jsonl_index(index)))
@@ -133,7 +133,7 @@ def export_checkpoint_main(argv: Argv = None) -> int:
     """
     from beit3.config import ConfigError
     from beit3.models import CheckpointError
-    from beit3.run_pretraining import export_pretrained
+    from beit3.cli.pretrain import export_pretrained
 
     parser = argparse.ArgumentParser(description=export_checkpoint_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,7 +163,7 @@ def probe_pretrained_main(argv: Argv = None) -> int:
     from beit3.config import ConfigError, load_config
     from beit3.models import CheckpointError
     from beit3.probing import probe_pretrained
-    from beit3.run_pretraining import PretrainConfig
+    from beit3.cli.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(description=probe_pretrained_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

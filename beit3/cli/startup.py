@@ -3,9 +3,11 @@ key and the path, raised before anything is written (the tools turn it into exit
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
-from beit3.config import ConfigError
+from beit3.errors import CheckpointError, ConfigError, TrainingStopped
 
 
 def check_readable_file(path: str | Path, key: str) -> Path:
@@ -70,3 +72,19 @@ def check_output_dir(path: str | Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
+
+
+def exit_code(work: Callable[[], object]) -> int:
+    """Run a training or evaluation tool's ``work`` and map how it ended to the exit code, with one line on stderr:
+    0 done; 2 a configuration the user can fix (:class:`ConfigError`); 3 a run that stopped on purpose
+    (:class:`TrainingStopped`: non-finite loss, data fault) or a checkpoint that cannot be used
+    (:class:`CheckpointError`). Checkpoints already saved are untouched in every case."""
+    try:
+        work()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (TrainingStopped, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0

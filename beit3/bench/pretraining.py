@@ -1,4 +1,4 @@
-"""Pretraining-step cases of the benchmark (see :mod:`beit3.benchmark`): the masked pair batch, the objective's
+"""Pretraining-step cases of the benchmark (see :mod:`beit3.bench.run`): the masked pair batch, the objective's
 fwd + bwd with precomputed codes or the online VQ-KD tokenizer, and the whole DeepSpeed training step (ZeRO stage,
 bf16 master-weight mode, optimizer) as ``tools/pretrain.py`` runs it, plus the model FLOPs these steps need. The
 objective runs as the base/large/giant configs set it: ``masked_only_last_layer=True``."""
@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from beit3.benchmark import BenchConfig, configure_model, maybe_compile, sequence_flops
+from beit3.bench.common import BenchConfig, configure_model, maybe_compile, sequence_flops
 from beit3.models.backbone import BEiT3Config
 
 PRETRAIN_CASES = ("pretrain_precomputed", "pretrain_online", "pretrain_deepspeed")
@@ -44,7 +44,7 @@ def tokenizer_images(tokenizer, batch: int, device: torch.device) -> torch.Tenso
 def pretrain_batch_fn(cfg: BEiT3Config, inputs: dict, bench: BenchConfig, device: torch.device):
     """A function making a masked pair batch (``PretrainInputs.prepare``) and the model FLOPs of its step."""
     from beit3.masking import MaskingConfig
-    from beit3.pretrain import PretrainInputs
+    from beit3.masking import PretrainInputs
 
     grid = cfg.img_size // cfg.patch_size
     masking = MaskingConfig()
@@ -93,7 +93,7 @@ def pretraining_cases(pre, cfg: BEiT3Config, inputs: dict, bench: BenchConfig, d
 
 
 def pretrain_step(pre, make_batch: Callable[[], dict]) -> Callable[[], None]:
-    from beit3.pretrain import MaskedDataModeling, ObjectiveConfig
+    from beit3.masked_data_modeling import MaskedDataModeling, ObjectiveConfig
 
     objective = MaskedDataModeling(pre, ObjectiveConfig(masked_only_last_layer=True))
 
@@ -107,30 +107,24 @@ def pretrain_step(pre, make_batch: Callable[[], dict]) -> Callable[[], None]:
 
 
 def deepspeed_pretrain_step(cfg: BEiT3Config, bench: BenchConfig, make_batch: Callable[[], dict]) -> Callable[[], torch.Tensor]:
-    """The training step of ``tools/pretrain.py`` on a fresh model: a DeepSpeed engine (``bench.zero_stage``, optional
-    ``bench.deepspeed_config``, bf16 master-weight mode for ``precision=bf16``, clipping 3.0) around the objective,
-    then fwd, bwd and the AdamW step; the step returns its loss. Starts a one-rank process group when no launcher
-    did."""
-    from beit3.engine import (OptimConfig, TrainConfig, build_deepspeed_config, build_optimizer, init_distributed,
-                              move_to_device)
+    """The training step of ``tools/pretrain.py`` (:func:`beit3.engine.train_step`) on a fresh model: a DeepSpeed
+    engine (``bench.zero_stage``, optional ``bench.deepspeed_config``, bf16 master-weight mode for ``precision=bf16``,
+    clipping 3.0) around the objective, then fwd, bwd, the ranks' non-finite agreement and the AdamW step; the step
+    returns its loss. Starts a one-rank process group when no launcher did."""
+    from beit3.engine import OptimConfig, TrainConfig, init_distributed, train_step
+    from beit3.engine.build import build_engine
     from beit3.models.pretraining import BEiT3ForPretraining
-    from beit3.pretrain import MaskedDataModeling, ObjectiveConfig
+    from beit3.masked_data_modeling import MaskedDataModeling, ObjectiveConfig
 
     init_distributed()
-    import deepspeed
-
     model = BEiT3ForPretraining(cfg, codebook_size=8192)
     configure_model(model, bench)
     objective = MaskedDataModeling(model, ObjectiveConfig(masked_only_last_layer=True))
     train_cfg = TrainConfig(precision=bench.precision, zero_stage=bench.zero_stage,
                             deepspeed_config=bench.deepspeed_config)
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=build_optimizer(objective, OptimConfig()),
-                                           config=build_deepspeed_config(train_cfg), dist_init_required=False)
+    engine, optimizer, _, _, _ = build_engine(objective, train_cfg, OptimConfig())
     float_dtype = torch.bfloat16 if bench.precision == "bf16" else None
 
     def step() -> torch.Tensor:
-        loss, _ = engine(move_to_device(make_batch(), engine.device, float_dtype))
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
+        return train_step(engine, optimizer, [make_batch()], float_dtype=float_dtype).values["loss"][0]
     return step

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,13 +28,12 @@ from tokenizer.train import (
     save_usage_histogram,
 )
 
-from .config import ConfigError, load_config, to_dict, write_yaml
-from .data.pretrain import PretrainDataConfig, build_pretrain_batches
-from .engine import (OptimConfig, TrainConfig, TrainingStopped, add_common_args, barrier, build_deepspeed_config,
+from beit3.config import ConfigError, load_config, to_dict, write_yaml
+from beit3.data.pretrain import PretrainDataConfig, build_pretrain_batches
+from beit3.engine import (OptimConfig, TrainConfig, add_common_args, barrier, build_deepspeed_config,
                      check_checkpoint_space, export_consolidated_state_dict, get_rank, get_world_size,
                      init_distributed, train)
-from .errors import CheckpointError
-from .startup import check_data, check_output_dir
+from .startup import check_data, check_output_dir, exit_code
 
 RUN_CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -169,12 +167,4 @@ def run_tokenizer_training(cfg: TokenizerTrainingConfig) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(description="Train a VQ-KD visual tokenizer"))
     args = parser.parse_args(argv)
-    try:
-        run_tokenizer_training(load_config(TokenizerTrainingConfig, args.config, args.overrides))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingStopped, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return exit_code(lambda: run_tokenizer_training(load_config(TokenizerTrainingConfig, args.config, args.overrides)))

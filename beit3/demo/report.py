@@ -19,7 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from beit3.plots import gap_keys, image_grid, plot_logs, read_log
+from beit3.demo.plots import gap_keys, image_grid, plot_logs, read_log
+from beit3.jsonl import read_jsonl
 
 PathLike = str | Path
 INITS = ("scratch", "pretrained")
@@ -34,8 +35,6 @@ ROWS = (
 PRETRAIN_KEYS = ("loss", "loss_image", "loss_text", "loss_pair_image", "loss_pair_text", "loss_itc", "loss_itm")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_metrics(run: Path, which: str = "final") -> Optional[dict]:
@@ -76,13 +75,13 @@ def vqa_question_prior_score(data_root: PathLike, split: str = "val") -> float:
     top answer over all training questions for a question never seen in training). Fine-tuning must beat this to
     show that it looks at the image; on the demo data it is ~2x the majority answer (yes/no and count priors)."""
     root = Path(data_root)
-    train = [i for i in _read_jsonl(root / "vqa.train.jsonl") if i["labels"]]
+    train = [i for i in read_jsonl(root / "vqa.train.jsonl") if i["labels"]]
     by_question: dict[tuple, list[dict]] = {}
     for item in train:
         by_question.setdefault(tuple(item["text_segment"]), []).append(item)
     fallback = _top_answer(train)
     prior = {q: _top_answer(group) for q, group in by_question.items()}
-    items = _read_jsonl(root / f"vqa.{split}.jsonl")
+    items = read_jsonl(root / f"vqa.{split}.jsonl")
     hits = (dict(zip(i["labels"], i["scores"])).get(prior.get(tuple(i["text_segment"]), fallback), 0.0) for i in items)
     return 100.0 * sum(hits) / max(1, len(items))
 
@@ -93,7 +92,7 @@ def caption_constant_cider(data_root: PathLike, split: str = "val") -> float:
     from beit3.metrics import caption_scores
 
     root = Path(data_root)
-    caps = Counter(c for r in _read_jsonl(root / "captions.jsonl") if r["split"] == "train" for c in r["captions"])
+    caps = Counter(c for r in read_jsonl(root / "captions.jsonl") if r["split"] == "train" for c in r["captions"])
     constant = caps.most_common(1)[0][0]
     refs = read_references(root / f"coco_karpathy_{split}_gt.json")
     return float(caption_scores({k: constant for k in refs}, refs, backend="python")["CIDEr"])
@@ -118,7 +117,7 @@ def baselines(data_root: PathLike, split: str = "val") -> dict[str, float]:
     from the question alone, captioning constant caption."""
     out: dict[str, float] = {}
     root = Path(data_root)
-    items = _read_jsonl(root / f"coco_retrieval.{split}.jsonl") if (root / f"coco_retrieval.{split}.jsonl").is_file() else []
+    items = read_jsonl(root / f"coco_retrieval.{split}.jsonl") if (root / f"coco_retrieval.{split}.jsonl").is_file() else []
     if items:
         chance = random_ranking_recall(list(Counter(i["image_id"] for i in items).values()))
         out["retrieval_r1"] = chance["ir_r1"]
@@ -233,7 +232,7 @@ def retrieval_examples(model_dir: PathLike, data_root: PathLike, out: PathLike, 
     root = Path(data_root)
     model = from_pretrained(model_dir).eval()
     tok = TextTokenizer.from_file(root / "beit3.spm")
-    items = _read_jsonl(root / f"coco_retrieval.{split}.jsonl")
+    items = read_jsonl(root / f"coco_retrieval.{split}.jsonl")
     paths = {}
     for it in items:
         paths.setdefault(it["image_id"], it["image_path"])

@@ -1,4 +1,4 @@
-"""Same-run baselines of the benchmark (see :mod:`beit3.benchmark`): the official torchscale ``BEiT3`` holding our
+"""Same-run baselines of the benchmark (see :mod:`beit3.bench.run`): the official torchscale ``BEiT3`` holding our
 weights, and a timm ``vit_base_patch16_224``-shaped ViT of the model's width and depth. Each is None when its
 package is not importable."""
 from __future__ import annotations

@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from beit3.data import indexes
-from beit3.data.scenes import SHAPES, captions, pair_statement, questions, render_scene, sample_scene
+from beit3.demo.scenes import SHAPES, captions, pair_statement, questions, render_scene, sample_scene
 from beit3.text import TextTokenizer, train_text_tokenizer
 
 SPLITS = ("train", "val", "test")

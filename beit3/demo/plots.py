@@ -5,28 +5,18 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
+
+from beit3.jsonl import read_jsonl
 
 PathLike = str | Path
 
 
 def read_log(path: PathLike) -> list[dict]:
-    """The records of a ``log.jsonl`` (one JSON object per line; blank and non-JSON lines are skipped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
+    """The records of a ``log.jsonl`` (one JSON object per line with a ``step``; blank and torn lines are skipped)."""
+    return [record for record in read_jsonl(path, skip_bad_lines=True) if "step" in record]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .demo import corpus_words
+from .data import corpus_words
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
