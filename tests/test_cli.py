@@ -25,3 +25,27 @@ def test_a_finished_run_exits_0_and_other_errors_propagate():
     assert exit_code(lambda: None) == 0
     with pytest.raises(KeyError):
         exit_code(_raise(KeyError("a bug, not a user error")))
+
+
+@pytest.mark.parametrize("args,named", [(["--num-images", "10"], "num_images must be at least 20"),
+                                        (["--photos", "--num-images", "3"], "num_images")])
+def test_make_demo_data_bad_sizes_are_one_error_line_and_write_nothing(tmp_path, capsys, args, named):
+    from beit3.cli.commands import make_demo_data_main
+
+    assert make_demo_data_main(["--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_demo_data_out_must_not_be_a_file(tmp_path, capsys):
+    from beit3.cli.commands import make_demo_data_main
+
+    (tmp_path / "afile").write_text("keep me")
+    assert make_demo_data_main(["--out", str(tmp_path / "afile")]) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_ctrl_c_is_exit_130_without_a_traceback(capsys):
+    assert exit_code(_raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

@@ -58,16 +58,30 @@ def test_image_folder_and_load_image(tmp_path):
     assert err.value.reason == "missing_file"
 
 
-def test_text_lines_random_access(tmp_path):
-    (tmp_path / "a.txt").write_text("first line\n\nthird line\n")
+def test_text_lines_random_access_and_blank_lines_separate_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\n   \nfourth line\n")
     (tmp_path / "b.txt").write_text("b one\nb two")  # no final newline
     lines = TextLines([tmp_path / "a.txt", tmp_path / "b.txt"])
-    assert len(lines) == 5
-    assert [lines[i] for i in (0, 2, 3, 4)] == ["first line", "third line", "b one", "b two"]
-    with pytest.raises(SkipSample, match="a.txt line 2"):
+    assert len(lines) == 4  # blank and whitespace-only lines are not lines to sample
+    assert [lines[i] for i in range(4)] == ["first line", "fourth line", "b one", "b two"]
+    (tmp_path / "a.txt").write_text("first line\n\n   \n           \n")  # changed after indexing
+    with pytest.raises(SkipSample, match="a.txt line 4"):
         lines[1]
     with pytest.raises(IndexError):
-        lines[5]
+        lines[4]
+
+
+def test_a_flat_folder_of_unlabeled_images_is_an_image_source(tmp_path):
+    from beit3.data.sources import open_image_source
+
+    for name in ("x.jpg", "deeper/y.png", "notes.txt"):
+        (tmp_path / "flat" / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            (tmp_path / "flat" / name).write_text("not an image")
+        else:
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "flat" / name)
+    source = open_image_source("flat", tmp_path)
+    assert len(source) == 2 and source.load(1)["image_path"] == "x.jpg" and source.load(0)["image"].size == (8, 8)
 
 
 def test_tar_shard_index_and_expand(tmp_path):

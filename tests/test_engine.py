@@ -230,3 +230,48 @@ def test_resume_with_other_world_size_is_a_clear_error(tmp_path):
     manifest.write_text(json.dumps(meta))
     with pytest.raises(RuntimeError, match="saved with 2 ranks, this run has 1"):
         run(tmp_path / "run", steps=4, save_every=2)
+
+
+# ------------------------------------------------------------------------------------------ what the run says
+def test_output_to_a_file_gets_a_line_per_logged_step_and_a_final_summary(tmp_path, capsys):
+    run(tmp_path / "run", steps=4, progress="auto", save_every=2)  # pytest's captured stdout is not a terminal
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("[beit3] step")]
+    assert [line.split()[2] for line in lines] == ["1/4", "2/4", "3/4", "4/4"], out
+    assert " lr " in lines[0] and "ETA 0:00:00" in lines[-1]
+    assert f"done: step 4 of 4 (4 this run); last checkpoint {tmp_path / 'run' / 'checkpoints' / 'step00000004'}" in err
+    run(tmp_path / "run", steps=3, progress="off")
+    assert "nothing to train: the run is at step 4 and train.steps is 3" in capsys.readouterr().err
+
+
+def test_progress_line_and_config_differences():
+    from beit3.engine.loop import config_differences
+    from beit3.engine.monitor import progress_line
+
+    line = progress_line({"step": 10, "loss": 2.5, "loss_text": 1.0, "loss_image": 1.5, "lr": 1e-3,
+                          "samples_per_s": 12.0, "time": 0.5}, 100)
+    assert line == "[beit3] step 10/100  loss 2.5 (image 1.5, text 1)  lr 0.001  12.0 samples/s  ETA 0:00:45"
+    old = {"model": {"depth": 4, "dim": 8}, "train": {"steps": 10}, "seed": 0}
+    new = {"model": {"depth": 2, "dim": 8}, "train": {"steps": 10, "keep_last": 2}, "seed": 0}
+    assert config_differences(old, new) == ["model.depth: 4 -> 2", "train.keep_last: 'absent' -> 2"]
+
+
+def test_resume_with_a_changed_config_names_the_changed_keys(tmp_path, capsys):
+    run(tmp_path / "run", steps=2, save_every=2)
+    capsys.readouterr()
+    run(tmp_path / "run", steps=3, save_every=2)
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert "the config differs from the one saved in" in said and "train.steps: 2 -> 3" in said
+
+
+def test_ctrl_c_names_the_last_checkpoint(tmp_path, capsys):
+    class Interrupt:
+        def on_step_end(self, ctx, step, metrics):
+            if step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", steps=6, save_every=2, callbacks=[Interrupt()])
+    err = capsys.readouterr().err
+    assert f"interrupted during step 4; the last good checkpoint is '{tmp_path / 'run' / 'checkpoints' / 'step00000002'}'" in err

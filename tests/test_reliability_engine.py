@@ -226,3 +226,15 @@ def test_too_little_disk_for_a_checkpoint_is_a_config_error(tmp_path, monkeypatc
     assert not out.exists()  # nothing written
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=need + 1))
     assert run(out, steps=1)["step"] == 1
+
+
+def test_a_run_whose_only_checkpoint_is_broken_says_it_starts_from_scratch(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(out, steps=2, save_every=2)
+    biggest = max((p for p in (out / "checkpoints" / "step00000002").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])  # truncated on the file system
+    capsys.readouterr()
+    summary = run(out, steps=2, save_every=2)
+    err = capsys.readouterr().err
+    assert summary["resumed_from"] is None
+    assert f"no usable checkpoint in '{out / 'checkpoints'}': starting from scratch (step 0)" in err

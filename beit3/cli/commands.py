@@ -35,14 +35,19 @@ def make_demo_data_main(argv: Argv = None) -> int:
     parser.add_argument("--photos", action="store_true",
                         help="real photographs shipped by scikit-image / scikit-learn, captioned with their names")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return _fail(ValueError(f"--out '{args.out}' is an existing file, not a folder"))
     start = time.perf_counter()
-    if args.photos:
-        summary = make_photo_release(args.out, args.num_images, args.image_size or 128, args.seed)
-        print(json.dumps(summary, indent=1))
-    else:
-        manifest = make_demo_data(args.out, args.num_images, args.image_size or 64, args.seed,
-                                  num_shards=args.num_shards)
-        print(json.dumps(manifest["index_lines"], indent=1))
+    try:
+        if args.photos:
+            summary = make_photo_release(args.out, args.num_images, args.image_size or 128, args.seed)
+            print(json.dumps(summary, indent=1))
+        else:
+            manifest = make_demo_data(args.out, args.num_images, args.image_size or 64, args.seed,
+                                      num_shards=args.num_shards)
+            print(json.dumps(manifest["index_lines"], indent=1))
+    except ValueError as err:  # sizes the generator cannot honour (too few images, ...)
+        return _fail(err)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -78,9 +78,13 @@ def exit_code(work: Callable[[], object]) -> int:
     """Run a training or evaluation tool's ``work`` and map how it ended to the exit code, with one line on stderr:
     0 done; 2 a configuration the user can fix (:class:`ConfigError`); 3 a run that stopped on purpose
     (:class:`TrainingStopped`: non-finite loss, data fault) or a checkpoint that cannot be used
-    (:class:`CheckpointError`). Checkpoints already saved are untouched in every case."""
+    (:class:`CheckpointError`); 130 interrupted (Ctrl-C: no traceback; the engine has named the last checkpoint).
+    Checkpoints already saved are untouched in every case."""
     try:
         work()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

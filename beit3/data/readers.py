@@ -69,43 +69,51 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
 
 
 class TextLines:
-    """Random access to the lines of plain text files through a byte-offset index (files stay on disk)."""
+    """Random access to the non-blank lines of plain text files through a byte-offset index (files stay on disk).
+    Blank (whitespace-only) lines separate documents: they are not indexed, so they are never sampled or counted
+    as faults."""
 
     def __init__(self, files: Sequence[str | Path]):
         self.files = [Path(f) for f in files]
-        self._offsets: list[np.ndarray] = []
+        self._spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per file: starts, sizes, line numbers
         for f in self.files:
             if not f.is_file():
                 raise FileNotFoundError(f"text file '{f}' does not exist")
-            data = np.frombuffer(f.read_bytes(), dtype=np.uint8)
-            ends = np.flatnonzero(data == ord("\n")) + 1
-            starts = np.concatenate([[0], ends])
-            if starts[-1] == len(data):
+            data = f.read_bytes()
+            array = np.frombuffer(data, dtype=np.uint8)
+            ends = np.flatnonzero(array == ord("\n")) + 1
+            starts = np.concatenate([[0], ends]).astype(np.int64)
+            if starts[-1] == len(array):
                 starts = starts[:-1]
-            self._offsets.append(np.concatenate([starts, [len(data)]]).astype(np.int64))
-        self._cumulative = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
+            sizes = np.diff(np.concatenate([starts, [len(array)]])).astype(np.int64)
+            short = np.flatnonzero(sizes <= 64)  # only short lines can be blank: check those by their bytes
+            blank = [i for i in short if not data[starts[i]:starts[i] + sizes[i]].strip()]
+            keep = np.setdiff1d(np.arange(len(starts)), np.asarray(blank, dtype=np.int64))
+            self._spans.append((starts[keep], sizes[keep], keep + 1))
+        self._cumulative = np.cumsum([0] + [len(s[0]) for s in self._spans])
 
     def __len__(self) -> int:
         return int(self._cumulative[-1])
 
     def __getitem__(self, index: int) -> str:
-        """Line ``index`` (over all files in order) without its newline; an empty line raises SkipSample."""
+        """Non-blank line ``index`` (over all files in order), stripped; a line that reads empty (the file changed
+        since it was indexed) raises SkipSample."""
         if not 0 <= index < len(self):
             raise IndexError(f"line {index} out of range for {len(self)} lines")
         file_index = bisect_right(self._cumulative, index) - 1
-        offsets = self._offsets[file_index]
-        line = index - int(self._cumulative[file_index])
-        size = int(offsets[line + 1] - offsets[line])
+        starts, sizes, numbers = self._spans[file_index]
+        row = index - int(self._cumulative[file_index])
+        size, line_number = int(sizes[row]), int(numbers[row])
         if size > MAX_TEXT_BYTES:
-            raise SkipSample("overlong_text", f"{self.files[file_index]} line {line + 1} has {size} bytes")
+            raise SkipSample("overlong_text", f"{self.files[file_index]} line {line_number} has {size} bytes")
         try:
             with self.files[file_index].open("rb") as f:
-                f.seek(int(offsets[line]))
+                f.seek(int(starts[row]))
                 text = f.read(size).decode("utf-8", errors="replace").strip()
         except OSError as err:
             raise SkipSample("missing_file", f"{self.files[file_index]}: {err}") from err
         if not text:
-            raise SkipSample("empty_text", f"{self.files[file_index]} line {line + 1}")
+            raise SkipSample("empty_text", f"{self.files[file_index]} line {line_number}")
         return text
 
 

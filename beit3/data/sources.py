@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from beit3.data.readers import (MAX_TEXT_BYTES, SkipSample, TarShardIndex, TextLines, decode_image, expand_shards, list_image_folder,
-                                load_image)
+from beit3.data.readers import (MAX_TEXT_BYTES, SkipSample, TarShardIndex, TextLines, decode_image, expand_shards, load_image)
 from beit3.jsonl import read_jsonl
 from beit3.text import TextTokenizer
+from tokenizer.precomputed import list_images
 
 
 def _is_shard_spec(spec: str, root: Path) -> bool:
@@ -60,17 +60,18 @@ class JsonlSource:
 
 
 class FolderSource:
-    """Images of a classification tree ``CLASS/*.jpg``."""
+    """Every image below a folder, at any depth: a flat folder of unlabeled images or a classification tree
+    ``CLASS/*.jpg`` (pretraining reads no labels)."""
 
     def __init__(self, name: str, folder: Path):
         self.name, self.folder, self.location = name, folder, str(folder)
-        self.samples, self.classes = list_image_folder(folder)
+        self.samples = list_images(folder)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> dict:
-        path = self.samples[index][0]
+        path = self.samples[index]
         return {"image": load_image(self.folder / path), "image_path": path}
 
 
@@ -112,7 +113,7 @@ class CorpusSource:
 
 
 def open_image_source(spec: str, root: Path, tokenizer: TextTokenizer | None = None):
-    """Image-only source from a JSONL index, shards or a classification folder."""
+    """Image-only source from a JSONL index, shards or an image folder (flat or by class)."""
     if spec.endswith(".jsonl"):
         return JsonlSource("image", root / spec, root, with_image=True, with_text=False)
     if _is_shard_spec(spec, root):

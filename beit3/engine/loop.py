@@ -218,6 +218,8 @@ def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Pa
             print(f"[beit3.engine] removed incomplete or stale checkpoint dirs: {', '.join(removed)}", file=sys.stderr)
     barrier()
     if latest is None:
+        if rank == 0 and notes:
+            print(f"[beit3.engine] no usable checkpoint in '{ckpt_dir}': starting from scratch (step 0)", file=sys.stderr)
         data.start()
         barrier()
         return 0, None
@@ -236,7 +238,9 @@ def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Pa
         group.update(hypers)
     old_cfg = client_state.get("config")
     if rank == 0 and old_cfg is not None and old_cfg != config_snapshot:
-        print(f"[beit3.engine] note: the config differs from the one saved in '{resumed_from}'")
+        changed = config_differences(old_cfg, config_snapshot)
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        print(f"[beit3.engine] note: the config differs from the one saved in '{resumed_from}': {shown}")
     if rank_state["data"] is not None and hasattr(data.batches, "load_state_dict"):
         data.batches.load_state_dict(rank_state["data"])
     elif rank == 0:
@@ -245,6 +249,19 @@ def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Pa
     restore_rng_state(rank_state["rng"])
     barrier()
     return int(client_state["step"]), resumed_from
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two nested config dicts that differs (a missing side shows as absent)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "absent"), new.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 def _callbacks_stop(callbacks: list, ctx, step: int, result: StepResult) -> bool:
@@ -303,6 +320,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
                       total_steps=train_cfg.steps, start_step=start_step)
     if resumed_from is not None:
         monitor.message(f"[beit3.engine] resumed from {resumed_from} (step {start_step})")
+    if start_step >= train_cfg.steps:
+        monitor.message(f"[beit3.engine] nothing to train: the run is at step {start_step} and train.steps is "
+                        f"{train_cfg.steps} (raise train.steps to continue it)")
     ctx = SimpleNamespace(engine=engine, model=model, optimizer=optimizer, scheduler=scheduler, train_cfg=train_cfg,
                           optim_cfg=optim_cfg, output_dir=output_dir, checkpoint_dir=ckpt_dir, rank=rank,
                           world_size=world, step=start_step, monitor=monitor)
@@ -341,6 +361,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     except TrainingStopped as err:
         monitor.message(f"[beit3.engine] training stopped at step {step}: {err}")
         raise
+    except KeyboardInterrupt:
+        monitor.message(f"[beit3.engine] interrupted during step {step + 1}; {last_good()}")
+        raise
     finally:
         if grad_check is not None:
             grad_check.remove()
@@ -351,6 +374,9 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         monitor.message(f"[beit3.engine] data: {sum(skips.values())} samples skipped and replaced in this run "
                         f"and before it ({', '.join(f'{k}: {v}' for k, v in skips.items())})")
     latest = read_latest(ckpt_dir)
+    monitor.message(f"[beit3.engine] done: step {step} of {train_cfg.steps} ({step - start_step} this run"
+                    f"{f', {guard.total} skipped' if guard.total else ''}); last checkpoint "
+                    f"{ckpt_dir / latest if latest else 'none'}; log {output_dir / 'log.jsonl'}")
     summary = {"step": step, "resumed_from": resumed_from, "last_checkpoint": str(ckpt_dir / latest) if latest else None,
                "last_log": last_record, "skipped_steps": guard.total, "data_skips": skips,
                "checkpoints": [str(ckpt_dir / t) for _, t in list_tags(ckpt_dir)], "engine": engine}

@@ -1,6 +1,8 @@
-"""Rank-0 outputs: ``log.jsonl``, TensorBoard scalars and a tqdm progress bar."""
+"""Rank-0 outputs: ``log.jsonl``, TensorBoard scalars, and on the console a tqdm progress bar (a terminal) or one
+plain line per logged step (output to a file or pipe: schedulers, nohup)."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -14,8 +16,28 @@ def _jsonable(value):
     return value
 
 
+def progress_line(record: dict, total_steps: int) -> str:
+    """One console line of a log record: step, loss and its parts, lr, samples/s and the time left."""
+    step = record["step"]
+    parts = [f"step {step}/{total_steps}", f"loss {record['loss']:.4g}" if isinstance(record.get("loss"), float) else ""]
+    streams = {k[len("loss_"):]: v for k, v in record.items() if k.startswith("loss_") and isinstance(v, float)}
+    if streams:
+        parts[-1] += " (" + ", ".join(f"{k} {v:.4g}" for k, v in sorted(streams.items())) + ")"
+    if isinstance(record.get("lr"), float):
+        parts.append(f"lr {record['lr']:.3g}")
+    if record.get("samples_per_s"):
+        parts.append(f"{record['samples_per_s']:.1f} samples/s")
+    if record.get("time"):
+        parts.append(f"ETA {datetime.timedelta(seconds=round(record['time'] * max(total_steps - step, 0)))}")
+    if record.get("skipped"):
+        parts.append(f"skipped (non-finite {record.get('nonfinite', '')})")
+    return "[beit3] " + "  ".join(p for p in parts if p)
+
+
 class Monitor:
-    """Writes one JSON object per logged step to ``log.jsonl`` (appending across restarts) and TensorBoard scalars."""
+    """Writes one JSON object per logged step to ``log.jsonl`` (appending across restarts) and TensorBoard scalars;
+    ``progress``: ``auto`` = a bar on a terminal, else a plain line per logged step; ``on`` = the bar; ``off`` =
+    neither (messages still print)."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, tensorboard: bool, progress: str, total_steps: int,
                  start_step: int):
@@ -23,6 +45,8 @@ class Monitor:
         self.log_path = Path(output_dir) / "log.jsonl"
         self.writer = None
         self.bar = None
+        self.total_steps = total_steps
+        self.lines = False
         if not enabled:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +59,7 @@ class Monitor:
             except Exception as err:  # tensorboard not installed or unusable: the JSON log still works
                 print(f"[beit3.engine] TensorBoard disabled: {err}", file=sys.stderr)
         show = progress == "on" or (progress == "auto" and sys.stdout.isatty())
+        self.lines = progress == "auto" and not show
         if show:
             try:
                 from tqdm.auto import tqdm
@@ -79,6 +104,8 @@ class Monitor:
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "lr") if isinstance(record.get(k), float)}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif self.lines and "loss" in record and not any(k.startswith("eval_") for k in record):
+            print(progress_line(record, self.total_steps), flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
