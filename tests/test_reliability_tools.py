@@ -159,3 +159,21 @@ def test_pretrain_data_faults_are_counted_logged_and_stop_the_run_cleanly(env, t
     from beit3.engine.checkpointing import checkpoint_problem
 
     assert checkpoint_problem(out / "checkpoints" / latest) is None
+
+
+def test_a_finished_run_is_never_trained_over_or_broken_by_a_rerun(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(env, out) == 0
+    saved = (out / "config.yaml").read_text()
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir())
+    capsys.readouterr()
+    # a changed model could not load the checkpoints: refused before anything is written, naming the key
+    assert pretrain(env, out, "model.overrides.depth=2", "train.steps=4") == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "model.overrides.depth: 1 -> 2" in err and "Traceback" not in err
+    # auto_resume=false would train over the run: refused
+    assert pretrain(env, out, "train.auto_resume=false") == 2
+    assert "train.auto_resume is false" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == saved and sorted(p.name for p in (out / "checkpoints").iterdir()) == tags
+    # the same model with more steps resumes
+    assert pretrain(env, out, "train.steps=3") == 0

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from beit3.config import ConfigError, load_config, read_yaml, to_dict, write_yaml
-from .startup import check_output_dir, exit_code
+from .startup import check_output_dir, check_previous_run, exit_code
 from beit3.engine import OptimConfig, TrainConfig, add_common_args, get_rank, get_world_size, init_distributed, train
 from beit3.finetune import (TASKS, CaptioningOptions, ClassificationOptions, EvalCallback, EvalResult, FinetuneObjective,
                        FinetuneTask, RetrievalOptions, TaskContext, TrainBatches, evaluate, read_index,
@@ -159,6 +159,8 @@ def check_config(cfg: FinetuneConfig, splits: Sequence[str] = ("train",), output
                           "number of forward passes on each rank, which ZeRO-3 parameter gathering cannot follow")
     if output:
         check_output_dir(cfg.output_dir)
+        check_previous_run(cfg.output_dir, to_dict(cfg), cfg.train.auto_resume, ("task", "model"), RUN_CONFIG_FILE,
+                           ignore=("model.init_from",))
 
 
 def build_context(cfg: FinetuneConfig, image_size: int) -> TaskContext:

@@ -17,7 +17,7 @@ from beit3.config import ConfigError, load_config, to_dict, write_yaml
 from beit3.data.codes import read_codes_meta
 from beit3.data.eval_set import PretrainEvalConfig, build_eval_set, resolve_eval_sources
 from beit3.errors import CheckpointError
-from .startup import check_data, check_output_dir, check_readable_file, exit_code
+from .startup import check_data, check_output_dir, check_previous_run, check_readable_file, exit_code
 from beit3.data.pretrain import PretrainDataConfig, build_pretrain_batches
 from beit3.engine import (
     OptimConfig,
@@ -129,6 +129,8 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ConfigError(f"model.init_from '{cfg.model.init_from}' does not exist")
     eval_sources(cfg)
     check_output_dir(cfg.output_dir)
+    check_previous_run(cfg.output_dir, to_dict(cfg), cfg.train.auto_resume, ("model",), RUN_CONFIG_FILE,
+                       ignore=("model.init_from",))
 
 
 def text_tokenizer_path(cfg: PretrainConfig) -> Path:

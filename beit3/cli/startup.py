@@ -92,3 +92,35 @@ def exit_code(work: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     return 0
+
+
+def check_previous_run(output_dir: str | Path, config: dict, auto_resume: bool, shape_sections: tuple[str, ...],
+                       run_config_file: str = "config.yaml", ignore: tuple[str, ...] = ()) -> None:
+    """Before anything is written into an ``output_dir`` that holds a run's checkpoints: ``auto_resume=false`` would
+    train over them, and a changed ``shape_sections`` config (the model the checkpoints hold) could not load them;
+    both are a ConfigError naming the folder (and the differing keys), so the saved run stays as it is. Keys in
+    ``ignore`` (dotted, e.g. ``model.init_from``) may differ."""
+    from beit3.engine.checkpointing import list_tags
+    from beit3.engine.loop import config_differences
+
+    out = Path(output_dir)
+    tags = list_tags(out / "checkpoints")
+    if not tags:
+        return
+    last = tags[-1][1]
+    if not auto_resume:
+        raise ConfigError(f"output_dir '{out}' holds a run (checkpoints up to '{last}') and train.auto_resume is "
+                          "false, which would train over it: choose another output_dir, or move the old run away")
+    saved_path = out / run_config_file
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = [d for d in config_differences({s: saved.get(s) for s in shape_sections},
+                                             {s: config.get(s) for s in shape_sections})
+               if not d.startswith(tuple(f"{key}:" for key in ignore))]
+    if changed:
+        raise ConfigError(f"output_dir '{out}' holds a run whose checkpoints ('{last}') were saved with another "
+                          f"{'/'.join(shape_sections)} config ({', '.join(changed[:6])}); resuming cannot load them: "
+                          "use another output_dir, or the saved config")

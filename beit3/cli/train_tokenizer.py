@@ -33,7 +33,7 @@ from beit3.data.pretrain import PretrainDataConfig, build_pretrain_batches
 from beit3.engine import (OptimConfig, TrainConfig, add_common_args, barrier, build_deepspeed_config,
                      check_checkpoint_space, export_consolidated_state_dict, get_rank, get_world_size,
                      init_distributed, train)
-from .startup import check_data, check_output_dir, exit_code
+from .startup import check_data, check_output_dir, check_previous_run, exit_code
 
 RUN_CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -95,6 +95,7 @@ def check_config(cfg: TokenizerTrainingConfig) -> None:
     check_data(cfg.data, streams=("image",))
     build_deepspeed_config(cfg.train)  # a missing or malformed train.deepspeed_config file
     check_output_dir(cfg.output_dir)
+    check_previous_run(cfg.output_dir, to_dict(cfg), cfg.train.auto_resume, ("objective",), RUN_CONFIG_FILE)
 
 
 def held_out_report(tok: VQKD, teacher: FrozenTeacher, cfg: TokenizerTrainingConfig) -> dict:
