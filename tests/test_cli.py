@@ -13,12 +13,17 @@ def _raise(err):
 
 
 @pytest.mark.parametrize("err,code", [(ConfigError("config key 'optim.lr' must be > 0"), 2),
-                                      (NonFiniteLossError("non-finite for 10 steps"), 3),
-                                      (DataFaultError("data fault at step 7"), 3),
                                       (CheckpointError("'x.pth' is not a checkpoint"), 3)])
 def test_exit_codes_name_the_error_in_one_line(err, code, capsys):
     assert exit_code(_raise(err)) == code
     assert capsys.readouterr().err == f"error: {err}\n"
+
+
+@pytest.mark.parametrize("err", [NonFiniteLossError("non-finite for 10 steps"), DataFaultError("data fault at step 7")])
+def test_a_stopped_run_exits_3_without_repeating_the_engine_message(err, capsys):
+    assert exit_code(_raise(err)) == 3
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: training stopped ({type(err).__name__};") and str(err) not in said
 
 
 def test_a_finished_run_exits_0_and_other_errors_propagate():

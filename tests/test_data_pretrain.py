@@ -123,8 +123,9 @@ def test_bad_samples_are_replaced_counted_and_limited(demo_root, tok):
     assert again.skip_counts() == counts
     strict = build_pretrain_batches(_cfg(demo_root, image_batch=0, text_batch=0, pair_batch=8, pair_source="bad.jsonl",
                                          max_skip_fraction=0.001, skip_check_min_samples=8), tok)
-    with pytest.raises(RuntimeError, match="max_skip_fraction"):
+    with pytest.raises(RuntimeError, match="data.max_skip_fraction=0.001") as err:
         _take(strict, len(steps))
+    assert "bad/corrupt.jpg" in str(err.value) or "bad/missing.jpg" in str(err.value)  # names the files
 
 
 def test_empty_or_unusable_sources_fail_at_start_naming_them(demo_root, tok):

@@ -150,8 +150,11 @@ def test_pretrain_data_faults_are_counted_logged_and_stop_the_run_cleanly(env, t
         "train.log_every=1", "data.max_skip_fraction=0.2", "data.skip_check_min_samples=30"])
     err = capsys.readouterr().err
     assert rc == 3, err[-2000:]
-    line = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(line) == 1 and "data fault at step" in line[0] and "max_skip_fraction=0.2" in line[0], err[-2000:]
+    line = [x for x in err.splitlines() if "training stopped at step" in x]  # once, naming files and the option
+    assert len(line) == 1 and "data fault at step" in line[0] and "data.max_skip_fraction=0.2" in line[0], err[-2000:]
+    assert ".jpg" in line[0] and [x for x in err.splitlines() if x.startswith("error:")] == [
+        "error: training stopped (DataFaultError; the [beit3.engine] line above says why and names the last good "
+        "checkpoint)"]
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert log and set(log[-1]["data_skips"]) == {"corrupt_image", "missing_file"}, log[-1]
     latest = (out / "checkpoints" / "latest").read_text()

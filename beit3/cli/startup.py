@@ -74,6 +74,12 @@ def check_output_dir(path: str | Path) -> None:
         raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
 
 
+def _rank() -> int:
+    from beit3.comm import get_rank
+
+    return get_rank()
+
+
 def exit_code(work: Callable[[], object]) -> int:
     """Run a training or evaluation tool's ``work`` and map how it ended to the exit code, with one line on stderr:
     0 done; 2 a configuration the user can fix (:class:`ConfigError`); 3 a run that stopped on purpose
@@ -88,7 +94,13 @@ def exit_code(work: Callable[[], object]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (TrainingStopped, CheckpointError) as err:
+    except TrainingStopped as err:
+        # raised on every rank at the same step, and the engine has already printed why on rank 0: say it once
+        if _rank() == 0:
+            print(f"error: training stopped ({type(err).__name__}; the [beit3.engine] line above says why and "
+                  "names the last good checkpoint)", file=sys.stderr)
+        return 3
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
     return 0

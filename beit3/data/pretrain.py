@@ -114,6 +114,8 @@ class _Stream:
             except SkipSample as err:
                 skips[err.reason] += 1
                 reasons.append(str(err))
+                if hasattr(skips, "examples") and len(skips.examples) < 3:
+                    skips.examples.append(f"{self.name} source: {err}")
                 index = random.Random(derive_seed(self.seed, self.code, rank, step, slot, attempt, 1)).randrange(len(self.source))
         raise RuntimeError(f"{self.name} source '{self.source.location}': {len(reasons)} samples in a row were unusable: {reasons[:3]}")
 
@@ -150,7 +152,8 @@ class PretrainStepDataset(Dataset):
         return 2**62
 
     def __getitem__(self, step: int) -> tuple[dict, dict]:
-        batch, skips = {}, Counter()
+        """The step's batch and the skipped samples' reasons: ``{reason: count}`` and the first few as text."""
+        batch, skips = {}, _SkipCounter()
         target = "tokenizer_image" if self.codes is None else "codes"
         for stream in self.streams:
             images, targets, texts, keys = [], [], [], []
@@ -169,7 +172,15 @@ class PretrainStepDataset(Dataset):
             if texts:
                 out["text_tokens"], out["padding_mask"] = self.tokenizer.pad_ids(texts, self.max_text_len)
             batch[stream.name] = out
-        return batch, dict(skips)
+        return batch, {"counts": dict(skips), "examples": skips.examples}
+
+
+class _SkipCounter(Counter):
+    """Skip counts by reason that also keep the first few skipped samples (what and where) for error messages."""
+
+    def __init__(self):
+        super().__init__()
+        self.examples: list[str] = []
 
 
 class StepsFrom(Sampler):
@@ -197,6 +208,7 @@ class PretrainBatches:
         self.samples_per_step = sum(s.batch for s in dataset.streams)
         self.next_step = 0
         self._skips: Counter = Counter()
+        self._examples: list[str] = []  # the first skipped samples of this process (for the skip-limit message)
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples so far by reason, e.g. ``{"corrupt_image": 2, "missing_file": 1}``."""
@@ -221,7 +233,9 @@ class PretrainBatches:
         drawn = self.next_step * self.samples_per_step + skipped
         if drawn >= self.skip_check_min_samples and skipped > self.max_skip_fraction * drawn:
             raise SkipLimitError(f"data: {skipped} of {drawn} samples skipped ({dict(self._skips)}), more than "
-                               f"max_skip_fraction={self.max_skip_fraction}; check the data sources")
+                               f"data.max_skip_fraction={self.max_skip_fraction}; first ones: "
+                               f"{'; '.join(self._examples) or 'before this run (resumed)'}. Fix or remove those "
+                               "samples, or raise data.max_skip_fraction")
 
     def __iter__(self) -> Iterator[dict]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
@@ -233,7 +247,8 @@ class PretrainBatches:
 
     def _counted(self, loader: Iterator) -> Iterator[dict]:
         for batch, skips in loader:
-            self._skips.update(skips)
+            self._skips.update(skips["counts"])
+            self._examples.extend(skips["examples"][: 3 - len(self._examples)])
             self.next_step += 1
             self._check_skips()
             yield batch
