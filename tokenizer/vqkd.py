@@ -87,7 +87,7 @@ NAMED_CONFIGS: dict[str, VQKDConfig] = {
     "vqkd_tiny": VQKDConfig(img_size=32, patch_size=8, width=32, depth=1, decoder_depth=1, codebook_size=64,
                             code_dim=8, target_dim=16),
     # CPU demo: 64 px images, patch 8 (64 tokens), codebook 1024 x 32, dead-code restart on (without it the 1024
-    # codes collapse to a handful within ~100 steps on small synthetic data). Meant for the centred, smoothed HOG
+    # codes collapse to a handful on small synthetic data). Meant for the centred, smoothed HOG
     # teacher ``tokenizer.teachers.DEMO_HOG_TEACHER`` (27-d; the training objective takes target_dim from the
     # teacher, 108 = plain 2x2-cell HOG): with the plain MaskFeat HOG the codes are used but carry no information.
     "vqkd_demo": VQKDConfig(img_size=64, patch_size=8, width=128, depth=4, decoder_depth=1, codebook_size=1024,
