@@ -209,3 +209,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         if path is not None:
             raise ConfigError(f"{path}: {err}") from err
         raise
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two nested config dicts that differs (a missing side shows as absent)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "absent"), new.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

@@ -245,7 +245,7 @@ def test_output_to_a_file_gets_a_line_per_logged_step_and_a_final_summary(tmp_pa
 
 
 def test_progress_line_and_config_differences():
-    from beit3.engine.loop import config_differences
+    from beit3.config import config_differences
     from beit3.engine.monitor import progress_line
 
     line = progress_line({"step": 10, "loss": 2.5, "loss_text": 1.0, "loss_image": 1.5, "lr": 1e-3,

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from beit3.comm import get_rank
+from beit3.config import config_differences, read_yaml
 from beit3.errors import CheckpointError, ConfigError, TrainingStopped
 
 
@@ -74,12 +76,6 @@ def check_output_dir(path: str | Path) -> None:
         raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
 
 
-def _rank() -> int:
-    from beit3.comm import get_rank
-
-    return get_rank()
-
-
 def exit_code(work: Callable[[], object]) -> int:
     """Run a training or evaluation tool's ``work`` and map how it ended to the exit code, with one line on stderr:
     0 done; 2 a configuration the user can fix (:class:`ConfigError`); 3 a run that stopped on purpose
@@ -96,7 +92,7 @@ def exit_code(work: Callable[[], object]) -> int:
         return 2
     except TrainingStopped as err:
         # raised on every rank at the same step, and the engine has already printed why on rank 0: say it once
-        if _rank() == 0:
+        if get_rank() == 0:
             print(f"error: training stopped ({type(err).__name__}; the [beit3.engine] line above says why and "
                   "names the last good checkpoint)", file=sys.stderr)
         return 3
@@ -113,7 +109,6 @@ def check_previous_run(output_dir: str | Path, config: dict, auto_resume: bool, 
     both are a ConfigError naming the folder (and the differing keys), so the saved run stays as it is. Keys in
     ``ignore`` (dotted, e.g. ``model.init_from``) may differ."""
     from beit3.engine.checkpointing import list_tags
-    from beit3.engine.loop import config_differences
 
     out = Path(output_dir)
     tags = list_tags(out / "checkpoints")
@@ -126,9 +121,7 @@ def check_previous_run(output_dir: str | Path, config: dict, auto_resume: bool, 
     saved_path = out / run_config_file
     if not saved_path.is_file():
         return
-    import yaml
-
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = read_yaml(saved_path)
     changed = [d for d in config_differences({s: saved.get(s) for s in shape_sections},
                                              {s: config.get(s) for s in shape_sections})
                if not d.startswith(tuple(f"{key}:" for key in ignore))]

@@ -97,7 +97,7 @@ class _Stream:
             self._perm_epoch = epoch
         return int(self._perm[offset])
 
-    def load(self, rank: int, world_size: int, step: int, slot: int, skips: Counter,
+    def load(self, rank: int, world_size: int, step: int, slot: int, skips: "_SkipCounter",
              image_views: Callable[[dict, random.Random], tuple]) -> tuple[dict, random.Random]:
         """The sample for a slot with its image ``view`` and ``target`` (``image_views``), replacing unusable
         samples; returns it with its augmentation RNG."""
@@ -112,10 +112,8 @@ class _Stream:
                     sample["view"], sample["target"] = image_views(sample, rng)
                 return sample, rng
             except SkipSample as err:
-                skips[err.reason] += 1
+                skips.record(err, self.name)
                 reasons.append(str(err))
-                if hasattr(skips, "examples") and len(skips.examples) < 3:
-                    skips.examples.append(f"{self.name} source: {err}")
                 index = random.Random(derive_seed(self.seed, self.code, rank, step, slot, attempt, 1)).randrange(len(self.source))
         raise RuntimeError(f"{self.name} source '{self.source.location}': {len(reasons)} samples in a row were unusable: {reasons[:3]}")
 
@@ -181,6 +179,11 @@ class _SkipCounter(Counter):
     def __init__(self):
         super().__init__()
         self.examples: list[str] = []
+
+    def record(self, err: SkipSample, source: str) -> None:
+        self[err.reason] += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{source} source: {err}")
 
 
 class StepsFrom(Sampler):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..comm import all_reduce_, barrier, get_rank, get_world_size
+from ..config import config_differences
 from ..errors import DataFaultError, NonFiniteLossError, TrainingStopped
 from .checkpointing import (check_checkpoint_space, clean_after_resume, find_resume_tag, list_tags, load_rank_state,
                             read_latest, restore_rng_state, save_checkpoint, seed_everything)
@@ -250,18 +251,6 @@ def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Pa
     barrier()
     return int(client_state["step"]), resumed_from
 
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf of two nested config dicts that differs (a missing side shows as absent)."""
-    out = []
-    for key in sorted(set(old) | set(new), key=str):
-        name = f"{prefix}{key}"
-        a, b = old.get(key, "absent"), new.get(key, "absent")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
-    return out
 
 
 def _callbacks_stop(callbacks: list, ctx, step: int, result: StepResult) -> bool:

@@ -104,7 +104,7 @@ class Monitor:
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "lr") if isinstance(record.get(k), float)}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        elif self.lines and "loss" in record and not any(k.startswith("eval_") for k in record):
+        elif self.lines and "loss" in record:  # training rows (held-out eval rows have eval_* keys only)
             print(progress_line(record, self.total_steps), flush=True)
 
     def advance(self, n: int = 1) -> None:
