@@ -36,3 +36,12 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.broadcast(tensor, src=0)
     return tensor
+
+
+def broadcast_object_from_rank0(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

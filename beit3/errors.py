@@ -34,3 +34,12 @@ class NonFiniteLossError(TrainingStopped):
 
 class DataFaultError(TrainingStopped):
     """The data layer failed on some rank (e.g. its skip rate passed ``data.max_skip_fraction``)."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on a signal (``train.preempt_signals``, or a first Ctrl-C) after every rank finished its
+    step and a checkpoint was written; the message names it, and the same command resumes from it."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name

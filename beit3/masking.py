@@ -156,6 +156,12 @@ class PretrainInputs:
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
 
+    def load_resharded_state_dict(self, states: list[dict]) -> None:
+        """Continue a run saved on ``len(states)`` ranks (see ``PretrainBatches.load_resharded_state_dict``); the
+        mask seeds carry on from the saved step (they are per rank and step, so none repeats)."""
+        self.batches.load_resharded_state_dict([s["data"] for s in states])
+        self.step = int(states[0]["step"])
+
     def __iter__(self) -> Iterator[dict]:
         # the data layer's iterator is made now, not at the first batch (see PretrainBatches.__iter__): the ITM
         # negatives draw from the global RNG, so a resumed run must not draw the loader's seed after restoring it

@@ -90,6 +90,9 @@ class ToyBatches:
     def load_state_dict(self, state):
         self.index = int(state["index"])
 
+    def load_resharded_state_dict(self, states):
+        self.index = int(states[0]["index"])  # the toy's data is per (rank, index): carry on at the same index
+
     def make(self, i):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + i)
         image = torch.randn(self.batch_size, DIM, generator=gen)
@@ -123,6 +126,38 @@ def make_model(seed=0):
     return ToyMultiway()
 
 
+class StateDump:
+    """Rank 0 writes every trainable parameter's consolidated fp32 value and Adam moments to
+    ``<prefix>start.pt`` when training starts (after a resume) and ``<prefix>end.pt`` when it ends (collective
+    under ZeRO-3: every rank runs it)."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def _dump(self, ctx, name):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        optimizer = ctx.engine.optimizer
+        if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link the moments lazily
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+        states = {}
+        for pname, param in ctx.engine.module.named_parameters():
+            if param.requires_grad:
+                states[pname] = [safe_get_full_fp32_param(param)] + [
+                    safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")]
+        if ctx.rank == 0:
+            torch.save(states, f"{self.prefix}{name}.pt")
+
+    def on_train_start(self, ctx):
+        if self.prefix and ctx.step > 0:  # a fresh run has no optimizer state yet
+            self._dump(ctx, "start")
+
+    def on_train_end(self, ctx, summary):
+        if self.prefix:
+            self._dump(ctx, "end")
+
+
 @dataclass
 class ToyRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -130,6 +165,7 @@ class ToyRunConfig:
     crash_after_step: int = 0  # raise after this optimizer step (simulates a killed job)
     batch_size: int = 4
     poison: list[int] = field(default_factory=list)
+    dump_states: str = ""  # path prefix for StateDump
 
 
 class Crash(RuntimeError):

@@ -84,6 +84,39 @@ def test_an_epoch_draws_each_sample_once_across_ranks(demo_root, tok):
     assert len(set(seen)) == len(seen), "a sample repeated within one epoch"
 
 
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_another_world_size_continues_the_global_order(demo_root, tok, before, after):
+    """Saved on ``before`` ranks after 2 data steps, resumed on ``after``: the samples read before and after are one
+    epoch's, none repeated or skipped, and the skip counts carry over to rank 0."""
+    unique = sorted(set((demo_root / "corpus.txt").read_text().splitlines()))
+    (demo_root / "unique.txt").write_text("\n".join(unique) + "\n")
+    cfg = _cfg(demo_root, image_batch=0, pair_batch=0, text_batch=2, max_text_len=64, text_sources=["unique.txt"],
+               max_skip_fraction=0.9)
+
+    def texts(batch):
+        return [tuple(row[1:row.tolist().index(tok.eos_id)].tolist()) for row in batch["text"]["text_tokens"]]
+
+    seen, states = [], []
+    for rank in range(before):
+        batches = build_pretrain_batches(cfg, tok, rank=rank, world_size=before, seed=4)
+        for batch in _take(batches, 2):
+            seen += texts(batch)
+        state = batches.state_dict()
+        state["skip_counts"] = {"empty_text": rank + 1}  # as if each rank had skipped some
+        states.append(json.loads(json.dumps(state)))
+    steps_after = (len(unique) - len(seen)) // (2 * after)
+    for rank in range(after):
+        batches = build_pretrain_batches(cfg, tok, rank=rank, world_size=after, seed=4)
+        batches.load_resharded_state_dict(states)
+        assert batches.skip_counts() == ({"empty_text": sum(range(1, before + 1))} if rank == 0 else {})
+        for batch in _take(batches, steps_after):
+            seen += texts(batch)
+    assert len(set(seen)) == len(seen), "a sample repeated"
+    # no gap: the global order read so far is exactly the first positions of the epoch's permutation
+    one_rank = build_pretrain_batches(cfg, tok, rank=0, world_size=1, seed=4)
+    assert set(seen) == {t for batch in _take(one_rank, len(seen) // 2) for t in texts(batch)}
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_exact_resume_mid_stream(demo_root, tok, num_workers):
     cfg = _cfg(demo_root, num_workers=num_workers, pair_source="shards")

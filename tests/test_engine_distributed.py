@@ -1,4 +1,5 @@
-"""Two CPU ranks through the real ``deepspeed`` launcher (gloo): ZeRO-2 exact resume, ZeRO-3 training + export."""
+"""Two CPU ranks through the real ``deepspeed`` launcher (gloo): ZeRO-2 exact resume, ZeRO-3 training + export, and
+resume on another number of ranks at ZeRO 1/2/3."""
 import math
 import subprocess
 from pathlib import Path
@@ -32,18 +33,18 @@ batch_size: 16
 """
 
 
-def launch(tmp, out, *overrides, expect_ok=True):
+def launch(tmp, out, *overrides, expect_ok=True, ranks=2, done="DONE step=8"):
     if LAUNCHER is None:
         pytest.skip("deepspeed launcher not found")
     cfg = Path(tmp) / "toy.yaml"
     cfg.write_text(CONFIG)
     env = tool_env()
-    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPT), "--config", str(cfg),
-           "--output", str(out), "--set", *overrides]
+    cmd = [str(LAUNCHER), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(SCRIPT), "--config",
+           str(cfg), "--output", str(out), "--set", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp)
     output = proc.stdout + proc.stderr
     if expect_ok:
-        assert proc.returncode == 0 and "DONE step=8" in output, output[-4000:]
+        assert proc.returncode == 0 and done in output, output[-4000:]
     else:
         assert proc.returncode != 0, output[-4000:]
     return output
@@ -102,3 +103,24 @@ def test_zero3_two_ranks_trains_like_zero2_and_exports(zero2_reference, tmp_path
     for name in w2:
         assert w3[name].shape == w2[name].shape
         assert torch.allclose(w3[name], w2[name], rtol=1e-3, atol=1e-4), name
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_another_world_size_restores_weights_and_adam_moments_exactly(stage, tmp_path):
+    """2 ranks -> 1 rank (micro batches 1 -> 2) -> 2 ranks, through DeepSpeed universal checkpoints: the consolidated
+    fp32 weights and both Adam moments right after each load equal those the saving run ended with."""
+    out, dumps = tmp_path / "out", tmp_path / "dump_"
+    common = [f"train.zero_stage={stage}", "train.micro_batches=1", "train.save_every=2"]
+    launch(tmp_path, out, *common, "train.steps=4", f"dump_states={dumps}a_", done="DONE step=4")
+    launch(tmp_path, out, *common[:1], "train.micro_batches=2", "train.steps=6", f"dump_states={dumps}b_",
+           ranks=1, done="DONE step=6")
+    output = launch(tmp_path, out, *common, "train.steps=8", f"dump_states={dumps}c_", done="DONE step=8")
+    assert "world size changed" in output and "saved on 1 ranks x 2 micro batches" in output
+    for ended, started in (("a_end", "b_start"), ("b_end", "c_start")):
+        before, after = (torch.load(f"{dumps}{name}.pt", weights_only=True) for name in (ended, started))
+        assert set(before) == set(after) and "cls_token" in before
+        for name in before:
+            for what, x, y in zip(("fp32 weight", "exp_avg", "exp_avg_sq"), before[name], after[name]):
+                assert torch.equal(x, y), (ended, name, what)
+        assert any(m.abs().sum() > 0 for m, _ in (v[1:] for v in before.values()))
+    assert [r["world_size"] for r in read_log(out)] == [2] * 4 + [1] * 2 + [2] * 2

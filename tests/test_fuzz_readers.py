@@ -21,7 +21,7 @@ from PIL import Image
 from beit3.config import ConfigError, from_dict, load_config, parse_overrides
 from beit3.data.readers import SkipSample, TarShardIndex, TextLines, decode_image
 from beit3.jsonl import read_jsonl
-from beit3.engine.checkpointing import load_rank_state
+from beit3.engine.tag_files import load_rank_state
 from beit3.engine.safe_load import safe_torch_load
 from beit3.errors import CheckpointError
 from beit3.models.checkpoint import read_state_dict

@@ -1,5 +1,6 @@
 """Reliability of the engine in one process (issue 9): atomic checkpoints and resume after a crash during a save,
 non-finite gradients, data faults, safe loading of DeepSpeed files, the disk-space check."""
+import contextlib
 import json
 import math
 import os
@@ -49,6 +50,36 @@ def reference(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------- atomic checkpoints
+def flip_byte(path, where=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["mp_rank_00_model_states.pt", "optim_states.pt", "rank0_state.pt",
+                                  "complete.json", "latest"])
+def test_a_flipped_byte_in_any_checkpoint_file_is_found_and_resume_falls_back(kind, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ckpt = out / "checkpoints"
+    if kind == "latest":
+        flip_byte(ckpt / "latest", where=0.99)  # names a tag that does not exist
+    else:
+        victim = next(p for p in sorted((ckpt / "step00000006").iterdir()) if p.name.endswith(kind))
+        flip_byte(victim, where=0.1 if kind == "complete.json" else 0.5)
+        problem = checkpointing.checkpoint_problem(ckpt / "step00000006")
+        assert problem is not None and (str(victim) in problem or "complete.json" in problem), problem
+        assert checkpointing.checkpoint_problem(ckpt / "step00000006", verify=False) is None or kind == "complete.json"
+    expected = "step00000006" if kind == "latest" else "step00000003"
+    assert find_resume_tag(ckpt)[0] == expected
+    with pytest.raises(CheckpointError, match="cannot be exported") if kind != "latest" else contextlib.nullcontext():
+        export_consolidated_state_dict(ckpt / "step00000006")  # a tag dir named directly is verified too
+    run(out, steps=6)
+    assert_same_losses(reference, out)
+    if kind != "latest":
+        assert (ckpt / "step00000006.corrupt").is_dir() and checkpointing.checkpoint_problem(ckpt / "step00000006") is None
+
+
 def test_checkpoint_layout_manifest_and_retention(reference):
     ckpt = reference / "checkpoints"
     assert tags(reference) == ["step00000003", "step00000006"]  # no temporary dirs left

@@ -159,7 +159,7 @@ def test_pretrain_data_faults_are_counted_logged_and_stop_the_run_cleanly(env, t
     assert log and set(log[-1]["data_skips"]) == {"corrupt_image", "missing_file"}, log[-1]
     latest = (out / "checkpoints" / "latest").read_text()
     assert latest == f"step{log[-1]['step']:08d}" and latest in line[0]  # the last good checkpoint is named
-    from beit3.engine.checkpointing import checkpoint_problem
+    from beit3.engine.tag_files import checkpoint_problem
 
     assert checkpoint_problem(out / "checkpoints" / latest) is None
 

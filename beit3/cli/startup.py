@@ -9,7 +9,9 @@ from typing import Callable
 
 from beit3.comm import get_rank
 from beit3.config import config_differences, read_yaml
-from beit3.errors import CheckpointError, ConfigError, TrainingStopped
+from beit3.errors import CheckpointError, ConfigError, Preempted, TrainingStopped
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint saved; rerun to resume
 
 
 def check_readable_file(path: str | Path, key: str) -> Path:
@@ -80,10 +82,16 @@ def exit_code(work: Callable[[], object]) -> int:
     """Run a training or evaluation tool's ``work`` and map how it ended to the exit code, with one line on stderr:
     0 done; 2 a configuration the user can fix (:class:`ConfigError`); 3 a run that stopped on purpose
     (:class:`TrainingStopped`: non-finite loss, data fault) or a checkpoint that cannot be used
-    (:class:`CheckpointError`); 130 interrupted (Ctrl-C: no traceback; the engine has named the last checkpoint).
-    Checkpoints already saved are untouched in every case."""
+    (:class:`CheckpointError`); 75 stopped by one of ``train.preempt_signals`` after saving a checkpoint
+    (:class:`Preempted`; the same command resumes); 130 Ctrl-C (the first one saves a checkpoint like a preemption
+    signal, a second stops at once; no traceback, the last checkpoint is named). Checkpoints already saved are
+    untouched in every case."""
     try:
         work()
+    except Preempted as err:  # every rank raises it after the same save: said once
+        if get_rank() == 0:
+            print(f"stopped: {err}", file=sys.stderr, flush=True)
+        return 130 if err.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -118,6 +126,7 @@ def check_previous_run(output_dir: str | Path, config: dict, auto_resume: bool, 
     if not auto_resume:
         raise ConfigError(f"output_dir '{out}' holds a run (checkpoints up to '{last}') and train.auto_resume is "
                           "false, which would train over it: choose another output_dir, or move the old run away")
+    _check_world_size(out / "checkpoints" / last, config)
     saved_path = out / run_config_file
     if not saved_path.is_file():
         return
@@ -129,3 +138,17 @@ def check_previous_run(output_dir: str | Path, config: dict, auto_resume: bool, 
         raise ConfigError(f"output_dir '{out}' holds a run whose checkpoints ('{last}') were saved with another "
                           f"{'/'.join(shape_sections)} config ({', '.join(changed[:6])}); resuming cannot load them: "
                           "use another output_dir, or the saved config")
+
+
+def _check_world_size(tag_dir: Path, config: dict) -> None:
+    """Resuming on another number of ranks must keep the global batch (the launcher's WORLD_SIZE is this run's)."""
+    from beit3.engine.resharding import check_global_batch
+    from beit3.engine.tag_files import saved_layout
+
+    try:
+        saved_world, saved_micro = saved_layout(tag_dir)
+    except (CheckpointError, FileNotFoundError):
+        return  # an unusable newest tag: the engine falls back to an older one and says so
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_global_batch(saved_world, saved_micro, world, int(config.get("train", {}).get("micro_batches", 1)),
+                       str(tag_dir))

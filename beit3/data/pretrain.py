@@ -1,11 +1,14 @@
 """Multi-source pretraining batches: per optimizer step an image, a text and a pair batch; exactly resumable.
 
 Design: every sample is a pure function of (seed, stream, rank, step, slot). Sample ``slot`` of step ``t`` on rank
-``r`` sits at global position ``p = (t * world_size + r) * batch + slot`` of its stream; its index is
+``r`` sits at global position ``p = b * batch + slot`` of its stream, where ``b`` is the rank's rank batch of step
+``t`` (``(t * world_size + r)`` in a run that kept its number of ranks; :mod:`beit3.data.schedule`); its index is
 ``permutation(seed, stream, epoch = p // N)[p % N]``, and its augmentation RNG is seeded from
 (seed, stream, rank, step, slot). DataLoader workers receive step numbers and build whole steps, so the iterator's
-state is the next step number (plus the skip counters). ``load_state_dict`` then restarts exactly there, with any
-``num_workers``. Every rank draws the same streams with the same batch sizes, so schedules agree across ranks.
+state is the next step number (plus the skip counters and the schedule's origin). ``load_state_dict`` then
+restarts exactly there, with any ``num_workers``; ``load_resharded_state_dict`` continues the global order of a
+run saved on another number of ranks. Every rank draws the same streams with the same batch sizes, so schedules
+agree across ranks.
 
 Bad samples (missing file, corrupt image, empty text) are replaced by a deterministically drawn other sample of the
 same stream and counted by reason; ``skip_counts()`` exposes the counters, and a skip fraction above
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from beit3.data.codes import PrecomputedCodes
 from beit3.data.readers import SkipSample
+from beit3.data.schedule import RankSchedule
 from beit3.data.sources import open_image_source, open_pair_source, open_text_source
 from beit3.data.transforms import TwoViewTransform
 from beit3.errors import SkipLimitError
@@ -97,11 +102,11 @@ class _Stream:
             self._perm_epoch = epoch
         return int(self._perm[offset])
 
-    def load(self, rank: int, world_size: int, step: int, slot: int, skips: "_SkipCounter",
+    def load(self, rank: int, step: int, rank_batch: int, slot: int, skips: "_SkipCounter",
              image_views: Callable[[dict, random.Random], tuple]) -> tuple[dict, random.Random]:
-        """The sample for a slot with its image ``view`` and ``target`` (``image_views``), replacing unusable
-        samples; returns it with its augmentation RNG."""
-        index = self.index_at((step * world_size + rank) * self.batch + slot)
+        """The sample for a slot of global rank batch ``rank_batch`` with its image ``view`` and ``target``
+        (``image_views``), replacing unusable samples; returns it with its augmentation RNG."""
+        index = self.index_at(rank_batch * self.batch + slot)
         reasons = []
         for attempt in range(self.max_replacements + 1):
             try:
@@ -135,7 +140,8 @@ class PretrainStepDataset(Dataset):
     def __init__(self, streams: list[_Stream], transform: TwoViewTransform, tokenizer: TextTokenizer,
                  max_text_len: int, rank: int, world_size: int, codes: PrecomputedCodes | None = None):
         self.streams, self.transform, self.tokenizer = streams, transform, tokenizer
-        self.max_text_len, self.rank, self.world_size = max_text_len, rank, world_size
+        self.max_text_len, self.rank = max_text_len, rank
+        self.schedule = RankSchedule(rank, world_size)
         self.codes = codes
 
     def _image_views(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +159,11 @@ class PretrainStepDataset(Dataset):
         """The step's batch and the skipped samples' reasons: ``{reason: count}`` and the first few as text."""
         batch, skips = {}, _SkipCounter()
         target = "tokenizer_image" if self.codes is None else "codes"
+        rank_batch = self.schedule.batch_index(step)
         for stream in self.streams:
             images, targets, texts, keys = [], [], [], []
             for slot in range(stream.batch):
-                sample, rng = stream.load(self.rank, self.world_size, step, slot, skips, self._image_views)
+                sample, rng = stream.load(self.rank, step, rank_batch, slot, skips, self._image_views)
                 if "view" in sample:
                     images.append(sample["view"])
                     targets.append(sample["target"])
@@ -186,6 +193,14 @@ class _SkipCounter(Counter):
             self.examples.append(f"{source} source: {err}")
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT, SIGTERM and SIGUSR1 (which a terminal or a scheduler sends to the whole
+    process group) are left to the training process, which finishes its step, saves and then ends its workers; a
+    worker killed by them would fail the loader in the middle of that last step."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
+
+
 class StepsFrom(Sampler):
     """Endless sampler of step numbers ``start, start + 1, ...`` (a loader item is a whole step)."""
 
@@ -199,8 +214,8 @@ class StepsFrom(Sampler):
 class PretrainBatches:
     """Endless iterable of per-step batch dicts ``{"image": .., "text": .., "pair": ..}`` with exact resume.
 
-    ``state_dict()`` holds the next step to be yielded and the skip counters; ``load_state_dict`` makes the next
-    ``iter()`` continue from there, bit-identical to an uninterrupted run.
+    ``state_dict()`` holds the next step to be yielded, the skip counters and the schedule's origin;
+    ``load_state_dict`` makes the next ``iter()`` continue from there, bit-identical to an uninterrupted run.
     """
 
     def __init__(self, dataset: PretrainStepDataset, num_workers: int, prefetch_factor: int,
@@ -210,6 +225,7 @@ class PretrainBatches:
         self.max_skip_fraction, self.skip_check_min_samples = max_skip_fraction, skip_check_min_samples
         self.samples_per_step = sum(s.batch for s in dataset.streams)
         self.next_step = 0
+        self._drawn_before = 0  # samples drawn by the ranks of an earlier world size whose counts this rank holds
         self._skips: Counter = Counter()
         self._examples: list[str] = []  # the first skipped samples of this process (for the skip-limit message)
 
@@ -225,15 +241,39 @@ class PretrainBatches:
                                  f"samples of the {stream.name} source '{stream.source.location}'")
 
     def state_dict(self) -> dict:
-        return {"next_step": self.next_step, "skip_counts": dict(self._skips)}
+        return {"next_step": self.next_step, "skip_counts": dict(self._skips),
+                "schedule": self.dataset.schedule.state_dict(), "drawn": self._drawn()}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_step = int(state["next_step"])
         self._skips = Counter(state.get("skip_counts", {}))
+        self.dataset.schedule = self.dataset.schedule.with_state(state.get("schedule"))
+        self._drawn_before = 0
+        self._drawn_before = int(state.get("drawn", self._drawn())) - self._drawn()
+
+    def load_resharded_state_dict(self, states: list[dict]) -> None:
+        """Continue the global order of a run saved on ``len(states)`` ranks (their states, in rank order); rank 0
+        takes over the skip counts and drawn samples of all of them, so totals and the skip fraction carry on."""
+        schedule = self.dataset.schedule.continued([s.get("schedule") for s in states],
+                                                   [int(s["next_step"]) for s in states])
+        self.dataset.schedule, self.next_step = schedule, schedule.first_step
+        self._skips = Counter()
+        self._drawn_before = 0
+        if schedule.rank == 0:
+            for state in states:
+                self._skips.update(state.get("skip_counts", {}))
+            self._drawn_before = sum(int(s.get("drawn", s["next_step"] * self.samples_per_step
+                                               + sum(s.get("skip_counts", {}).values()))) for s in states)
+            self._drawn_before -= self._drawn()
+
+    def _drawn(self) -> int:
+        """Samples this rank drew (and counts as its own), replacements included."""
+        steps = self.next_step - self.dataset.schedule.first_step
+        return self._drawn_before + steps * self.samples_per_step + sum(self._skips.values())
 
     def _check_skips(self) -> None:
         skipped = sum(self._skips.values())
-        drawn = self.next_step * self.samples_per_step + skipped
+        drawn = self._drawn()
         if drawn >= self.skip_check_min_samples and skipped > self.max_skip_fraction * drawn:
             raise SkipLimitError(f"data: {skipped} of {drawn} samples skipped ({dict(self._skips)}), more than "
                                f"data.max_skip_fraction={self.max_skip_fraction}; first ones: "
@@ -243,7 +283,7 @@ class PretrainBatches:
     def __iter__(self) -> Iterator[dict]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, sampler=StepsFrom(self.next_step),
-                            num_workers=self.num_workers, **extra)
+                            num_workers=self.num_workers, worker_init_fn=ignore_stop_signals, **extra)
         # made now, not at the first batch: the loader draws its base seed from the global RNG, and the engine
         # creates the iterator before it restores a resumed run's RNG state
         return self._counted(iter(loader))

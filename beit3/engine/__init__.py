@@ -25,7 +25,8 @@ Contract for ``train(model, batches, train_cfg, optim_cfg, output_dir, config_sn
   resume picks the newest complete one and reads DeepSpeed files with ``torch.load(weights_only=True)``.
 - Checkpoints every ``save_every`` steps and at the end (also when a callback asks to stop), the last ``keep_last``
   kept; auto-resume (default) reloads model/optimizer/scheduler, each rank's data state and RNG states: a resumed run
-  reproduces the uninterrupted one exactly (fp32). Resuming needs the same number of ranks.
+  reproduces the uninterrupted one exactly (fp32). On another number of ranks it resumes through a DeepSpeed
+  universal checkpoint (``resharding``) when ``batches`` has ``load_resharded_state_dict(states)``.
 - Outputs in ``output_dir``: ``log.jsonl`` (rank 0; one object per logged step: step, loss, metrics, lr, grad_norm,
   samples_per_s, tokens_per_s, time = seconds per step, timestamp; skipped non-finite steps get
   ``skipped: true``), ``tensorboard/``, ``checkpoints/{latest, stepXXXXXXXX/}``.
@@ -41,8 +42,8 @@ Typical tool::
     if is_main_process():
         weights = export_consolidated_state_dict(cfg.output_dir)   # fp32 name -> tensor, any ZeRO stage
 """
-from .checkpointing import (check_checkpoint_space, estimate_checkpoint_bytes, export_consolidated_state_dict,
-                            find_resume_tag, read_latest, resolve_checkpoint)
+from .checkpointing import check_checkpoint_space, estimate_checkpoint_bytes, find_resume_tag, read_latest
+from .export import export_consolidated_state_dict, resolve_checkpoint
 from .config import DEFAULT_DEEPSPEED_CONFIGS, OptimConfig, TrainConfig, build_deepspeed_config
 from .dist import add_common_args, all_reduce_, barrier, gathered_parameters, get_local_rank, get_rank, get_world_size, init_distributed, is_main_process
 from ..errors import DataFaultError, NonFiniteLossError, TrainingStopped

@@ -1,4 +1,4 @@
-"""Checkpoints: DeepSpeed tag directories + per-rank data/RNG state, atomic publication, retention, export.
+"""Checkpoints: DeepSpeed tag directories + per-rank data/RNG state, atomic publication, retention, resume choice.
 
 Layout under ``output_dir/checkpoints/``::
 
@@ -7,14 +7,17 @@ Layout under ``output_dir/checkpoints/``::
         *model_states.pt, *optim_states.pt   engine.save_checkpoint(...) files (model/optimizer/scheduler, ZeRO)
         rank0_state.pt          data-iterator state_dict + RNG states of rank 0 (torch.load(weights_only=True))
         rank1_state.pt          ...
-        complete.json           manifest written last: step, world size, every file with its size
+        complete.json           manifest written last: step, world size, micro batches, every file with its size
+                                and SHA-256 (``tag_files``)
     .tmp-step00000400/          a save in progress (or left by a crash during a save; removed on resume)
+    step00000500.corrupt/       a newer checkpoint that failed verification, moved aside at resume
     zero_to_fp32.py             copied there by DeepSpeed
 
 A save is written under ``.tmp-<tag>``; after every rank finished (barrier) rank 0 writes the manifest, renames the
 directory to ``<tag>`` (atomic on POSIX), points ``latest`` at it (temp file + ``os.replace``) and only then prunes
-old tags. A kill at any moment leaves ``latest`` on a complete checkpoint; resume verifies the manifest and falls
-back to the newest complete tag if ``latest`` is missing or broken (:func:`find_resume_tag`).
+old tags. A kill at any moment leaves ``latest`` on a complete checkpoint; resume verifies the manifest (sizes and
+checksums) and falls back to the newest tag that verifies if ``latest`` is missing or broken (:func:`find_resume_tag`).
+Export is in ``export``.
 
 Test hook (used by the kill-during-save test only): with ``BEIT3_TEST_CRASH_IN_SAVE=RANK:STEP`` in the environment,
 rank RANK calls ``os._exit(17)`` in the middle of the save of step STEP (after writing its files, before the barrier
@@ -22,7 +25,6 @@ that publishes the checkpoint), as a SIGKILL would leave it.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -33,10 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit3.errors import CheckpointError
-
 from .dist import barrier, get_rank, get_world_size
-from .safe_load import safe_torch_load, safe_zero_to_fp32
+from .tag_files import MANIFEST, checkpoint_problem, write_manifest
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 
@@ -116,7 +116,7 @@ def list_tags(ckpt_dir: str | Path) -> list[tuple[int, str]]:
 
 
 TMP_PREFIX = ".tmp-"
-MANIFEST = "complete.json"
+CORRUPT_SUFFIX = ".corrupt"
 CRASH_HOOK_ENV = "BEIT3_TEST_CRASH_IN_SAVE"
 
 
@@ -142,56 +142,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
-    files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
-    for path in tag_dir.iterdir():  # make the data durable before the rename publishes it
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    tmp = tag_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump({"step": int(step), "world_size": int(world_size), "files": files}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, tag_dir / MANIFEST)
-
-
-def checkpoint_problem(tag_dir: str | Path) -> str | None:
-    """Why ``tag_dir`` is not a complete checkpoint (None when it is).
-
-    Complete = its manifest exists and every listed file is there with its recorded size. Directories saved before
-    manifests existed count as complete when ``rank0_state.pt`` and a model-states file are present.
-    """
-    tag_dir = Path(tag_dir)
-    if not tag_dir.is_dir():
-        return f"'{tag_dir}' does not exist"
-    manifest = tag_dir / MANIFEST
-    if not manifest.is_file():
-        if (tag_dir / "rank0_state.pt").is_file() and any(tag_dir.glob("*model_states.pt")):
-            try:
-                world = int(load_rank_state(tag_dir, 0).get("world_size", 1))
-            except (CheckpointError, FileNotFoundError, TypeError, ValueError) as err:
-                return str(err)
-            missing = [f"rank{r}_state.pt" for r in range(world) if not (tag_dir / f"rank{r}_state.pt").is_file()]
-            return f"'{tag_dir}' lacks {', '.join(missing)}" if missing else None
-        return f"'{tag_dir}' has no {MANIFEST} (the save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        return f"'{manifest}' is unreadable: {err}"
-    for name, size in files.items():
-        path = tag_dir / name
-        if not path.is_file():
-            return f"'{path}' is missing"
-        if path.stat().st_size != size:
-            return f"'{path}' has {path.stat().st_size} bytes, the manifest says {size} (truncated?)"
-    return None
-
-
 def find_resume_tag(ckpt_dir: str | Path) -> tuple[str | None, list[str]]:
     """(tag to resume from, notes). ``latest`` when it names a complete checkpoint, else the newest complete tag.
 
-    Pure reading: every rank calls it on the same directory and gets the same answer; cleaning up is
+    Complete = sizes and SHA-256 as the manifest says (:func:`~beit3.engine.tag_files.checkpoint_problem`). Pure
+    reading; in a training run rank 0 calls it and broadcasts the answer, and cleaning up is
     :func:`clean_after_resume` (rank 0).
     """
     ckpt_dir = Path(ckpt_dir)
@@ -213,9 +168,10 @@ def find_resume_tag(ckpt_dir: str | Path) -> tuple[str | None, list[str]]:
 
 
 def clean_after_resume(ckpt_dir: str | Path, tag: str | None) -> list[str]:
-    """Rank 0: remove temporary save dirs and tags newer than the resumed one (they will be written again).
-    Published tags are never removed when no checkpoint is usable (they are left for inspection). Returns the
-    removed names."""
+    """Rank 0: remove temporary save dirs and complete tags newer than the resumed one (they will be written
+    again); a newer tag whose save finished (it has a manifest) but that fails verification is moved aside to ``<tag>.corrupt`` (kept for inspection, out of
+    resume and rotation). Published tags are never touched when no checkpoint is usable. Returns what was done,
+    one entry per directory."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
@@ -228,7 +184,12 @@ def clean_after_resume(ckpt_dir: str | Path, tag: str | None) -> list[str]:
         stale = path.name.startswith(TMP_PREFIX)
         if step is not None and resume_step is not None:
             stale = step > resume_step
-        if stale:
+        if stale and step is not None and (path / MANIFEST).is_file() and checkpoint_problem(path) is not None:
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            removed.append(f"{path.name} (moved aside to {aside.name})")
+        elif stale:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     if tag is not None and read_latest(ckpt_dir) != tag:
@@ -254,15 +215,16 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    rank_state = {"step": int(step), "rank": rank, "world_size": get_world_size(), "data": data_state,
-                  "rng": capture_rng_state()}
+    micro_batches = int(client_state.get("micro_batches", 1))
+    rank_state = {"step": int(step), "rank": rank, "world_size": get_world_size(), "micro_batches": micro_batches,
+                  "data": data_state, "rng": capture_rng_state()}
     tmp = tmp_dir / f".rank{rank}_state.pt.tmp"
     torch.save(rank_state, tmp)
     os.replace(tmp, tmp_dir / f"rank{rank}_state.pt")
     _crash_hook(rank, step)
     barrier()
     if rank == 0:
-        _write_manifest(tmp_dir, step, get_world_size())
+        write_manifest(tmp_dir, step, get_world_size(), micro_batches)
         if tag_dir.exists():  # a stale copy of this step (never the one `latest` names: steps only grow)
             old = ckpt_dir / (TMP_PREFIX + "old-" + tag)
             shutil.rmtree(old, ignore_errors=True)
@@ -271,7 +233,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
         _fsync_dir(ckpt_dir)
         _write_latest(ckpt_dir, tag)
         _fsync_dir(ckpt_dir)
-        complete = [t for _, t in list_tags(ckpt_dir) if checkpoint_problem(ckpt_dir / t) is None]
+        complete = [t for _, t in list_tags(ckpt_dir) if checkpoint_problem(ckpt_dir / t, verify=False) is None]
         for old_tag in complete[:-keep_last] if keep_last > 0 else []:
             if old_tag != tag:
                 shutil.rmtree(ckpt_dir / old_tag, ignore_errors=True)
@@ -280,82 +242,6 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
                 shutil.rmtree(path, ignore_errors=True)
     barrier()
     return tag_dir
-
-
-def remove_stale_tags(ckpt_dir: str | Path, latest_step: int) -> None:
-    """Rank 0: delete tags newer than ``latest`` and temporary save dirs (left by a crash during a save)."""
-    for path in Path(ckpt_dir).iterdir() if Path(ckpt_dir).is_dir() else []:
-        step = step_of_tag(path.name)
-        if path.is_dir() and (path.name.startswith(TMP_PREFIX) or (step is not None and step > latest_step)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def load_rank_state(tag_dir: str | Path, rank: int) -> dict:
-    path = Path(tag_dir) / f"rank{rank}_state.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint '{tag_dir}' has no '{path.name}': it is incomplete or was saved with fewer ranks than the "
-            f"current world size ({get_world_size()}); resume with the same number of ranks"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle with code, truncated file, ...
-        raise CheckpointError(f"cannot read '{path}' with torch.load(weights_only=True): {err}") from err
-
-
-# -------------------------------------------------------------------------------------------------------------- export
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints dir, tag) for an output dir, a checkpoints dir (with ``latest``) or a tag dir."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / "latest").is_file() or any(step_of_tag(p.name) is not None for p in path.glob("step*")):
-        tag, notes = find_resume_tag(path)
-        if tag is None:
-            raise CheckpointError(f"no complete checkpoint in '{path}': {'; '.join(notes) or 'no tags'}")
-        return path, tag
-    if path.is_dir() and any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(f"no checkpoint found at '{path}' (expected an output dir, a checkpoints dir with "
-                            f"'latest', or a checkpoint tag dir)")
-
-
-def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights (name -> tensor) of the latest checkpoint in ``path`` for ZeRO 0/1/2/3.
-
-    ``path`` may be a training output dir, its ``checkpoints`` dir, or one tag dir. Runs in one process, without a
-    process group (uses ``deepspeed.utils.zero_to_fp32``).
-    """
-    ckpt_dir, tag = resolve_checkpoint(path)
-    tag_dir = ckpt_dir / tag
-    if any(tag_dir.glob("*optim_states.pt")):
-        with safe_zero_to_fp32() as zero_to_fp32:
-            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
-                str(ckpt_dir), tag=tag, exclude_frozen_parameters=exclude_frozen_parameters)
-        if not exclude_frozen_parameters:
-            # DeepSpeed pitfall: ZeRO-1 (no gradient partitioning) does not record frozen parameters in
-            # frozen_param_shapes, so zero_to_fp32 drops them; the saved module state dict has them in full.
-            files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
-            module = safe_torch_load(files[0], map_location="cpu").get("module") or {} if files else {}
-            for name, tensor in module.items():
-                if name not in state and isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
-                    state[name] = tensor
-    else:  # ZeRO stage 0: the module state dict is complete (fp32 unless bf16 weights were trained without ZeRO)
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"no model states in '{tag_dir}'")
-        saved = safe_torch_load(files[0], map_location="cpu")
-        state = dict(saved["module"])
-        # bf16/fp16 without ZeRO: the module holds 16-bit weights; the fp32 masters are the optimizer's fp32_groups,
-        # mapped to names with the per-group parameter names the engine stores in the client state.
-        fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups") if isinstance(saved.get("optimizer"),
-                                                                                     dict) else None
-        names = saved.get("param_group_names")
-        if fp32_groups and names and [len(g) for g in fp32_groups] == [len(n) for n in names]:
-            for group_names, tensors in zip(names, fp32_groups):
-                state.update(zip(group_names, tensors))
-    return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
-            for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- disk space

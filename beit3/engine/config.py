@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -117,6 +117,8 @@ class TrainConfig:
     progress: Literal["auto", "on", "off"] = "auto"
     max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
     check_nonfinite_grads: bool = True  # also skip steps whose loss is finite but a gradient is NaN/Inf
+    # on these signals (and a first Ctrl-C) finish the step, save a checkpoint and exit 75 (130 for Ctrl-C)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def __post_init__(self):
         positive = ("steps", "micro_batches", "log_every", "save_every", "keep_last", "max_nonfinite_steps")
@@ -127,6 +129,13 @@ class TrainConfig:
             raise ConfigError(f"config key 'zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.clip_grad < 0:
             raise ConfigError(f"config key 'clip_grad' must be >= 0, got {self.clip_grad}")
+        from .preemption import signal_number
+
+        for name in self.preempt_signals:
+            try:
+                signal_number(name)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 def build_deepspeed_config(train_cfg: TrainConfig, micro_batch_size: int | None = None) -> dict:

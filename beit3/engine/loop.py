@@ -13,16 +13,19 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..comm import all_reduce_, barrier, get_rank, get_world_size
+from ..comm import all_reduce_, barrier, broadcast_object_from_rank0, get_rank, get_world_size
 from ..config import config_differences
-from ..errors import DataFaultError, NonFiniteLossError, TrainingStopped
-from .checkpointing import (check_checkpoint_space, clean_after_resume, find_resume_tag, list_tags, load_rank_state,
-                            read_latest, restore_rng_state, save_checkpoint, seed_everything)
+from ..errors import CheckpointError, DataFaultError, NonFiniteLossError, Preempted, TrainingStopped
+from .checkpointing import (check_checkpoint_space, clean_after_resume, find_resume_tag, list_tags, read_latest,
+                            restore_rng_state, save_checkpoint, seed_everything)
+from .preemption import StopSignals, agreed_stop, signal_name
+from .resharding import check_global_batch, load_on_new_world_size
+from .tag_files import load_rank_state, saved_layout
 from .build import build_engine, quiet_deepspeed
 from .config import OptimConfig, TrainConfig
 from .dist import init_distributed
-from .monitor import Monitor
-from .step import COUNTERS, GradFiniteCheck, StepResult, move_to_device, train_step
+from .monitor import Interval, Monitor, interval_record
+from .step import GradFiniteCheck, StepResult, move_to_device, train_step
 
 __all__ = ["Callback", "move_to_device", "train", "train_step"]
 
@@ -43,79 +46,6 @@ class Callback:
     def on_checkpoint(self, ctx, step: int, tag_dir: Path) -> None: ...
 
     def on_train_end(self, ctx, summary: dict) -> None: ...
-
-
-class _Interval:
-    """Sums of loss/metrics/counters since the last log line (this rank), reduced across ranks when logged."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor | float] = {}
-        self.counts: dict[str, int] = {}
-        self.counters = {k: 0.0 for k in COUNTERS}
-        self.grad_norms: list[float] = []
-        self.steps = 0
-        self.skipped = 0
-        self.start = time.time()
-
-    def add(self, name: str, value) -> None:
-        # tensors stay on their device (no host sync per step); moved to the host once per log line
-        value = value.detach().double().mean() if isinstance(value, torch.Tensor) else float(value)
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def add_step(self, result: StepResult) -> None:
-        """Count a step; a skipped step's values stay out of the means."""
-        self.steps += 1
-        if result.skipped:
-            self.skipped += 1
-            return
-        for key, values in result.values.items():
-            for value in values:
-                self.add(key, value)
-        for key in COUNTERS:
-            self.counters[key] += result.counters[key]
-        if result.grad_norm is not None:
-            self.grad_norms.append(result.grad_norm)
-
-
-def _reduce_interval(interval: _Interval, device) -> tuple[dict, dict]:
-    """Mean of each metric over micro batches and ranks; global sums of the counters."""
-    import torch.distributed as dist
-
-    names = sorted(interval.sums)
-    if get_world_size() > 1:  # ranks may report different metric names: use the union
-        gathered: list = [None] * get_world_size()
-        dist.all_gather_object(gathered, names)
-        names = sorted(set().union(*map(set, gathered)))
-    n = len(names)
-    buf = torch.zeros(2 * n + len(COUNTERS), dtype=torch.float64, device=device)
-    for i, name in enumerate(names):
-        if name in interval.sums:
-            buf[i] = interval.sums[name]
-            buf[n + i] = interval.counts[name]
-    for j, key in enumerate(COUNTERS):
-        buf[2 * n + j] = interval.counters[key]
-    all_reduce_(buf, "sum")
-    buf = buf.cpu()
-    means = {name: (buf[i] / buf[n + i]).item() for i, name in enumerate(names) if buf[n + i] > 0}
-    counters = {key: buf[2 * n + j].item() for j, key in enumerate(COUNTERS)}
-    return means, counters
-
-
-def _interval_record(interval: _Interval, step: int, lr: float, device) -> dict:
-    """The log line of an interval (collective: every rank calls it at the same step)."""
-    means, totals = _reduce_interval(interval, device)
-    elapsed = max(time.time() - interval.start, 1e-9)
-    record = {"step": step, "loss": means.pop("loss", float("nan"))}
-    record.update(means)
-    record["lr"] = lr
-    record["grad_norm"] = sum(interval.grad_norms) / len(interval.grad_norms) if interval.grad_norms else None
-    record["samples_per_s"] = totals["num_samples"] / elapsed if totals["num_samples"] else None
-    record["tokens_per_s"] = totals["num_tokens"] / elapsed if totals["num_tokens"] else None
-    record["time"] = elapsed / max(interval.steps, 1)  # seconds per optimizer step
-    if interval.skipped:
-        record["skipped_steps"] = interval.skipped
-    return record
 
 
 class _StepData:
@@ -206,17 +136,19 @@ class _NonFiniteGuard:
 
 def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Path, train_cfg: TrainConfig,
             config_snapshot: dict) -> tuple[int, str | None]:
-    """Auto-resume from the newest complete checkpoint (model, optimizer, scheduler, this rank's data and RNG state),
-    after rank 0 removed incomplete ones; starts the data iterator. Returns ``(start_step, resumed_from)``."""
+    """Auto-resume from the newest complete checkpoint that verifies (rank 0 checks sizes and SHA-256 and tells the
+    others), after rank 0 cleaned up: model, optimizer, scheduler, data and RNG state; through a universal checkpoint
+    when it was saved on another number of ranks. Starts the data iterator. Returns ``(start_step, resumed_from)``."""
     rank, world = data.rank, data.world
-    latest, notes = find_resume_tag(ckpt_dir) if train_cfg.auto_resume else (None, [])
-    barrier()  # every rank has chosen (same files, same answer) before rank 0 cleans up
+    choice = find_resume_tag(ckpt_dir) if train_cfg.auto_resume and rank == 0 else (None, [])
+    latest, notes = broadcast_object_from_rank0(choice)
     if rank == 0 and train_cfg.auto_resume:
         for note in notes:
             print(f"[beit3.engine] {note}", file=sys.stderr)
-        removed = clean_after_resume(ckpt_dir, latest)
-        if removed:
-            print(f"[beit3.engine] removed incomplete or stale checkpoint dirs: {', '.join(removed)}", file=sys.stderr)
+        cleaned = clean_after_resume(ckpt_dir, latest)
+        if cleaned:
+            print(f"[beit3.engine] cleaned up incomplete, stale or corrupt checkpoint dirs: {', '.join(cleaned)}",
+                  file=sys.stderr)
     barrier()
     if latest is None:
         if rank == 0 and notes:
@@ -224,16 +156,19 @@ def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Pa
         data.start()
         barrier()
         return 0, None
-    resumed_from = str(ckpt_dir / latest)
-    rank_state = load_rank_state(ckpt_dir / latest, rank)  # checked first: clearer error on a world-size change
-    if rank_state.get("world_size", world) != world:
-        raise RuntimeError(f"checkpoint '{resumed_from}' was saved with {rank_state['world_size']} ranks, "
-                           f"this run has {world}: resume with the same number of ranks (per-rank data and "
-                           f"RNG state; ZeRO partitions need a DeepSpeed universal checkpoint otherwise)")
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=latest, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+    tag_dir = ckpt_dir / latest
+    resumed_from = str(tag_dir)
+    saved_world, saved_micro = saved_layout(tag_dir)
+    resharded = saved_world != world and any(tag_dir.glob("*optim_states.pt"))  # ZeRO partitions: universal
+    if saved_world != world:
+        check_global_batch(saved_world, saved_micro, world, train_cfg.micro_batches, resumed_from)
+    if resharded:
+        load_path, client_state = load_on_new_world_size(engine, ckpt_dir, latest)
+    else:
+        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=latest, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"could not load checkpoint '{resumed_from}'")
+        raise CheckpointError(f"could not load checkpoint '{resumed_from}'")
     # loading an optimizer state also restores its groups' hyper-parameters: the current config wins
     for group, hypers in zip(optimizer.param_groups, group_hypers):
         group.update(hypers)
@@ -242,24 +177,40 @@ def _resume(engine, optimizer, group_hypers: list, data: _StepData, ckpt_dir: Pa
         changed = config_differences(old_cfg, config_snapshot)
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         print(f"[beit3.engine] note: the config differs from the one saved in '{resumed_from}': {shown}")
-    if rank_state["data"] is not None and hasattr(data.batches, "load_state_dict"):
-        data.batches.load_state_dict(rank_state["data"])
-    elif rank == 0:
-        print("[beit3.engine] warning: no data state to restore; the data order after resume is not exact")
-    data.start()  # before the RNG restore: creating an iterator may draw from the RNG
-    restore_rng_state(rank_state["rng"])
+    step = int(client_state["step"])
+    if saved_world == world:
+        rank_state = load_rank_state(tag_dir, rank)
+        if rank_state["data"] is not None and hasattr(data.batches, "load_state_dict"):
+            data.batches.load_state_dict(rank_state["data"])
+        elif rank == 0:
+            print("[beit3.engine] warning: no data state to restore; the data order after resume is not exact")
+        data.start()  # before the RNG restore: creating an iterator may draw from the RNG
+        restore_rng_state(rank_state["rng"])
+    else:
+        states = [load_rank_state(tag_dir, r)["data"] for r in range(saved_world)]
+        if not hasattr(data.batches, "load_resharded_state_dict") or any(s is None for s in states):
+            raise CheckpointError(f"'{resumed_from}' was saved on {saved_world} ranks and this run has {world}, but "
+                                  "its data iterator cannot continue on another number of ranks (no "
+                                  "load_resharded_state_dict): resume with the same number of ranks")
+        data.batches.load_resharded_state_dict(states)
+        data.start()
+        seed_everything(train_cfg.seed + rank + 1_000_003 * step)  # fresh RNG streams, none of a saved rank's
+        if rank == 0:
+            how = "a DeepSpeed universal checkpoint" if resharded else "the full (ZeRO stage 0) states"
+            print(f"[beit3.engine] world size changed: '{resumed_from}' was saved on {saved_world} ranks x "
+                  f"{saved_micro} micro batches, this run has {world} x {train_cfg.micro_batches}; weights and "
+                  f"optimizer state loaded through {how}, the data order continues where the {saved_world} ranks "
+                  "stopped", file=sys.stderr)
     barrier()
-    return int(client_state["step"]), resumed_from
-
+    return step, resumed_from
 
 
 def _callbacks_stop(callbacks: list, ctx, step: int, result: StepResult) -> bool:
-    """Run ``on_step_end``; True on every rank when any callback on any rank asked to stop."""
+    """Run ``on_step_end`` on this rank; True when one of its callbacks asked to stop."""
     if not any(hasattr(cb, "on_step_end") for cb in callbacks):
         return False
     metrics = {key: result.mean(key) for key in result.values}
-    local = any([bool(cb.on_step_end(ctx, step, metrics)) for cb in callbacks if hasattr(cb, "on_step_end")])
-    return all_reduce_(torch.tensor([float(local)], device=ctx.engine.device), "max").item() > 0
+    return any([bool(cb.on_step_end(ctx, step, metrics)) for cb in callbacks if hasattr(cb, "on_step_end")])
 
 
 def _notify(callbacks: list, hook: str, *args) -> None:
@@ -297,11 +248,13 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             return "no checkpoint has been saved yet"
         return f"the last good checkpoint is '{ckpt_dir / tag}' (auto-resume loads it when you rerun)"
 
-    def checkpoint(step: int) -> None:
-        client_state = {"step": step, "config": config_snapshot, "world_size": world, "param_group_names": group_names}
+    def checkpoint(step: int) -> Path:
+        client_state = {"step": step, "config": config_snapshot, "world_size": world,
+                        "micro_batches": train_cfg.micro_batches, "param_group_names": group_names}
         data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
         tag_dir = save_checkpoint(engine, ckpt_dir, step, client_state, data_state, train_cfg.keep_last)
         _notify(callbacks, "on_checkpoint", ctx, step, tag_dir)
+        return tag_dir
 
     data = _StepData(batches, train_cfg.micro_batches, engine.device, rank, world, last_good)
     start_step, resumed_from = _resume(engine, optimizer, group_hypers, data, ckpt_dir, train_cfg, config_snapshot)
@@ -320,8 +273,10 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     engine.train()
     step, last_record = start_step, None
     guard = _NonFiniteGuard(train_cfg.max_nonfinite_steps, monitor, last_good)
-    interval = _Interval()
+    interval = Interval()
+    signals = StopSignals(train_cfg.preempt_signals, announce=rank == 0)
     try:
+        signals.__enter__()
         while step < train_cfg.steps:
             scheduler.set_step(step)
             lr = max(group["lr"] for group in optimizer.param_groups)
@@ -330,20 +285,24 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
             guard.check(step, result, lr)  # logs a skipped step; raises after max_nonfinite_steps in a row
             interval.add_step(result)
             monitor.advance()
-            stop = _callbacks_stop(callbacks, ctx, step, result)
+            stop, signum = agreed_stop(_callbacks_stop(callbacks, ctx, step, result), signals, engine.device)
+            stop = stop or bool(signum)
             # (an interval of skipped steps only has its own "skipped" lines; it is merged into the next one)
             if (step % train_cfg.log_every == 0 or step == train_cfg.steps or stop) and interval.steps > interval.skipped:
-                last_record = _interval_record(interval, step, lr, engine.device)
+                last_record = interval_record(interval, step, lr, engine.device)
                 skips = data.skips()
                 if skips is not None:
                     last_record["data_skips"] = skips
                 last_record["timestamp"] = time.time()
                 monitor.log(last_record)
                 _notify(callbacks, "on_log", ctx, last_record)
-                interval = _Interval()
+                interval = Interval()
             # no periodic save on a skipped step: "latest" stays on the last step with a finite loss
             if (step % train_cfg.save_every == 0 and not result.skipped) or step == train_cfg.steps or stop:
-                checkpoint(step)
+                tag_dir = checkpoint(step)
+            if signum:
+                raise Preempted(f"{signal_name(signum)}: stopped after step {step} of {train_cfg.steps} and saved "
+                                f"checkpoint '{tag_dir}'; the same command resumes from it", signal_name(signum))
             if stop:
                 monitor.message(f"[beit3.engine] stop requested by a callback after step {step}")
                 break
@@ -354,6 +313,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         monitor.message(f"[beit3.engine] interrupted during step {step + 1}; {last_good()}")
         raise
     finally:
+        signals.__exit__()
         if grad_check is not None:
             grad_check.remove()
         monitor.close()

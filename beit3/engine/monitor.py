@@ -1,5 +1,6 @@
 """Rank-0 outputs: ``log.jsonl``, TensorBoard scalars, and on the console a tqdm progress bar (a terminal) or one
-plain line per logged step (output to a file or pipe: schedulers, nohup)."""
+plain line per logged step (output to a file or pipe: schedulers, nohup); and the log interval whose sums become
+one record (reduced over ranks)."""
 from __future__ import annotations
 
 import datetime
@@ -7,7 +8,13 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
+
+import torch
+
+from ..comm import all_reduce_, get_world_size
+from .step import COUNTERS, StepResult
 
 
 def _jsonable(value):
@@ -126,3 +133,77 @@ class Monitor:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class Interval:
+    """Sums of loss/metrics/counters since the last log line (this rank), reduced across ranks when logged."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+        self.counters = {k: 0.0 for k in COUNTERS}
+        self.grad_norms: list[float] = []
+        self.steps = 0
+        self.skipped = 0
+        self.start = time.time()
+
+    def add(self, name: str, value) -> None:
+        # tensors stay on their device (no host sync per step); moved to the host once per log line
+        value = value.detach().double().mean() if isinstance(value, torch.Tensor) else float(value)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def add_step(self, result: StepResult) -> None:
+        """Count a step; a skipped step's values stay out of the means."""
+        self.steps += 1
+        if result.skipped:
+            self.skipped += 1
+            return
+        for key, values in result.values.items():
+            for value in values:
+                self.add(key, value)
+        for key in COUNTERS:
+            self.counters[key] += result.counters[key]
+        if result.grad_norm is not None:
+            self.grad_norms.append(result.grad_norm)
+
+
+def _reduce_interval(interval: Interval, device) -> tuple[dict, dict]:
+    """Mean of each metric over micro batches and ranks; global sums of the counters."""
+    import torch.distributed as dist
+
+    names = sorted(interval.sums)
+    if get_world_size() > 1:  # ranks may report different metric names: use the union
+        gathered: list = [None] * get_world_size()
+        dist.all_gather_object(gathered, names)
+        names = sorted(set().union(*map(set, gathered)))
+    n = len(names)
+    buf = torch.zeros(2 * n + len(COUNTERS), dtype=torch.float64, device=device)
+    for i, name in enumerate(names):
+        if name in interval.sums:
+            buf[i] = interval.sums[name]
+            buf[n + i] = interval.counts[name]
+    for j, key in enumerate(COUNTERS):
+        buf[2 * n + j] = interval.counters[key]
+    all_reduce_(buf, "sum")
+    buf = buf.cpu()
+    means = {name: (buf[i] / buf[n + i]).item() for i, name in enumerate(names) if buf[n + i] > 0}
+    counters = {key: buf[2 * n + j].item() for j, key in enumerate(COUNTERS)}
+    return means, counters
+
+
+def interval_record(interval: Interval, step: int, lr: float, device) -> dict:
+    """The log line of an interval (collective: every rank calls it at the same step)."""
+    means, totals = _reduce_interval(interval, device)
+    elapsed = max(time.time() - interval.start, 1e-9)
+    record = {"step": step, "loss": means.pop("loss", float("nan"))}
+    record.update(means)
+    record["lr"] = lr
+    record["grad_norm"] = sum(interval.grad_norms) / len(interval.grad_norms) if interval.grad_norms else None
+    record["samples_per_s"] = totals["num_samples"] / elapsed if totals["num_samples"] else None
+    record["tokens_per_s"] = totals["num_tokens"] / elapsed if totals["num_tokens"] else None
+    record["time"] = elapsed / max(interval.steps, 1)  # seconds per optimizer step
+    record["world_size"] = get_world_size()  # says in the log where a resumed run changed its number of ranks
+    if interval.skipped:
+        record["skipped_steps"] = interval.skipped
+    return record

@@ -12,7 +12,8 @@ in a checkpoint directory could run arbitrary code on resume or export. The file
 all plain data holders (their construction runs no user code). :func:`safe_torch_load` allows only those, so a pickle
 that references any other global (``os.system``, ``builtins.eval``, ...) is refused with :class:`CheckpointError`.
 :func:`install_safe_loader` routes an engine's checkpoint loads through it; :func:`safe_zero_to_fp32` does the
-same for ``zero_to_fp32`` while it runs.
+same for ``zero_to_fp32`` while it runs, and :func:`safe_torch_load_everywhere` for every ``torch.load`` of the
+process while DeepSpeed converts and loads a universal checkpoint (resume on another number of ranks).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import types
 import torch
 
 from beit3.errors import CheckpointError
+
+_torch_load = torch.load  # the real one, also while safe_torch_load_everywhere() is active
 
 
 def deepspeed_safe_globals() -> list:
@@ -46,7 +49,7 @@ def safe_torch_load(path, map_location=None, **kwargs):
     kwargs.pop("weights_only", None)
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+            return _torch_load(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
         found = re.search(r"(?:Unsupported global|unsupported GLOBAL|GLOBAL) (\S+)", str(err))
         what = found.group(1) if found else str(err).strip().splitlines()[0][:200]
@@ -108,3 +111,16 @@ def safe_zero_to_fp32():
     finally:
         zero_to_fp32.torch = original
 
+
+
+@contextlib.contextmanager
+def safe_torch_load_everywhere():
+    """While active, ``torch.load`` itself is :func:`safe_torch_load` (DeepSpeed's universal-checkpoint converter
+    and loader call ``torch.load(weights_only=False)`` from several modules). For the main thread of a training
+    process at resume, when no other code runs."""
+    original = torch.load
+    torch.load = safe_torch_load
+    try:
+        yield
+    finally:
+        torch.load = original

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from beit3.data.pretrain import StepsFrom, derive_seed
+from beit3.data.pretrain import StepsFrom, derive_seed, ignore_stop_signals
 from beit3.data.readers import load_image
+from beit3.data.schedule import RankSchedule
 from beit3.jsonl import read_jsonl
 
 # Collate: list of per-sample dicts -> batch dict (tensors stacked, ints/floats to tensors, other values as lists).
@@ -99,9 +100,10 @@ class _TrainSteps(Dataset):
     """Map-style view whose item ``step`` is this rank's collated batch of that step."""
 
     def __init__(self, samples: SampleDataset, batch_size: int, seed: int, rank: int, world_size: int,
-                 collate: Collate, batch_transform: Callable[[dict], dict] | None):
+                 collate: Collate, batch_transform: Callable[[dict], dict] | None, micro_batches: int):
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.micro_batches = rank, micro_batches
+        self.schedule = RankSchedule(rank, world_size)
         self.collate, self.batch_transform = collate, batch_transform
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -116,18 +118,21 @@ class _TrainSteps(Dataset):
         return int(self._perm[offset])
 
     def __getitem__(self, step: int) -> dict:
-        first = (step * self.world_size + self.rank) * self.batch_size
+        rank_batch = self.schedule.batch_index(step)
+        first = rank_batch * self.batch_size
         with seeded(derive_seed(self.seed, self.rank, step)):
             rng = random.Random(derive_seed(self.seed, self.rank, step, 1))
             batch = self.collate([self.samples.sample(self.index_at(first + k), rng) for k in range(self.batch_size)])
             if self.batch_transform is not None:
                 batch = self.batch_transform(batch)
-        batch["step"] = torch.tensor(step, dtype=torch.long)
+        # the optimizer step of this batch: each step reads world_size x micro_batches rank batches
+        batch["step"] = torch.tensor(rank_batch // (self.schedule.world_size * self.micro_batches), dtype=torch.long)
         return batch
 
 
 class TrainBatches:
-    """Endless, exactly resumable stream of this rank's training batches (``state_dict`` = the next step).
+    """Endless, exactly resumable stream of this rank's training batches (``state_dict`` = the next item and the
+    schedule's origin; :mod:`beit3.data.schedule`).
 
     Each batch also carries ``step`` (the 0-based optimizer-step index of the batch, per micro batch) for
     step-dependent losses. ``steps_per_epoch`` = ``len(samples) // (batch_size * world_size)`` as the official code.
@@ -138,23 +143,29 @@ class TrainBatches:
                  num_workers: int = 0, micro_batches: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.steps = _TrainSteps(samples, batch_size, seed, rank, world_size, collate, batch_transform)
-        self.num_workers, self.micro_batches = num_workers, micro_batches
+        self.steps = _TrainSteps(samples, batch_size, seed, rank, world_size, collate, batch_transform, micro_batches)
+        self.num_workers = num_workers
         self.steps_per_epoch = max(1, len(samples) // (batch_size * world_size * micro_batches))
         self.next_item = 0
 
     def state_dict(self) -> dict:
-        return {"next_item": self.next_item}
+        return {"next_item": self.next_item, "schedule": self.steps.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_item = int(state["next_item"])
+        self.steps.schedule = self.steps.schedule.with_state(state.get("schedule"))
+
+    def load_resharded_state_dict(self, states: list[dict]) -> None:
+        """Continue the global order of a run saved on ``len(states)`` ranks (their states, in rank order)."""
+        self.steps.schedule = self.steps.schedule.continued([s.get("schedule") for s in states],
+                                                            [int(s["next_item"]) for s in states])
+        self.next_item = self.steps.schedule.first_step
 
     def __iter__(self) -> Iterator[dict]:
         extra = {"prefetch_factor": 2, "persistent_workers": False} if self.num_workers > 0 else {}
         loader = DataLoader(self.steps, batch_size=None, sampler=StepsFrom(self.next_item),
-                            num_workers=self.num_workers, **extra)
+                            num_workers=self.num_workers, worker_init_fn=ignore_stop_signals, **extra)
         for batch in loader:
-            batch["step"] = batch["step"] // self.micro_batches
             self.next_item += 1
             yield batch
 
