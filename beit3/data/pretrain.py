@@ -225,7 +225,7 @@ class PretrainBatches:
         self.max_skip_fraction, self.skip_check_min_samples = max_skip_fraction, skip_check_min_samples
         self.samples_per_step = sum(s.batch for s in dataset.streams)
         self.next_step = 0
-        self._drawn_before = 0  # samples drawn by the ranks of an earlier world size whose counts this rank holds
+        self._drawn = 0  # samples drawn (replacements included) that this rank counts as its own
         self._skips: Counter = Counter()
         self._examples: list[str] = []  # the first skipped samples of this process (for the skip-limit message)
 
@@ -242,14 +242,13 @@ class PretrainBatches:
 
     def state_dict(self) -> dict:
         return {"next_step": self.next_step, "skip_counts": dict(self._skips),
-                "schedule": self.dataset.schedule.state_dict(), "drawn": self._drawn()}
+                "schedule": self.dataset.schedule.state_dict(), "drawn": self._drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_step = int(state["next_step"])
         self._skips = Counter(state.get("skip_counts", {}))
         self.dataset.schedule = self.dataset.schedule.with_state(state.get("schedule"))
-        self._drawn_before = 0
-        self._drawn_before = int(state.get("drawn", self._drawn())) - self._drawn()
+        self._drawn = self._drawn_in(state)
 
     def load_resharded_state_dict(self, states: list[dict]) -> None:
         """Continue the global order of a run saved on ``len(states)`` ranks (their states, in rank order); rank 0
@@ -257,23 +256,20 @@ class PretrainBatches:
         schedule = self.dataset.schedule.continued([s.get("schedule") for s in states],
                                                    [int(s["next_step"]) for s in states])
         self.dataset.schedule, self.next_step = schedule, schedule.first_step
-        self._skips = Counter()
-        self._drawn_before = 0
+        self._skips, self._drawn = Counter(), 0
         if schedule.rank == 0:
             for state in states:
                 self._skips.update(state.get("skip_counts", {}))
-            self._drawn_before = sum(int(s.get("drawn", s["next_step"] * self.samples_per_step
-                                               + sum(s.get("skip_counts", {}).values()))) for s in states)
-            self._drawn_before -= self._drawn()
+            self._drawn = sum(self._drawn_in(state) for state in states)
 
-    def _drawn(self) -> int:
-        """Samples this rank drew (and counts as its own), replacements included."""
-        steps = self.next_step - self.dataset.schedule.first_step
-        return self._drawn_before + steps * self.samples_per_step + sum(self._skips.values())
+    def _drawn_in(self, state: dict) -> int:
+        """The drawn samples of a saved state (states saved before they were counted: steps x batch + skips)."""
+        if "drawn" in state:
+            return int(state["drawn"])
+        return int(state["next_step"]) * self.samples_per_step + sum(state.get("skip_counts", {}).values())
 
     def _check_skips(self) -> None:
-        skipped = sum(self._skips.values())
-        drawn = self._drawn()
+        skipped, drawn = sum(self._skips.values()), self._drawn
         if drawn >= self.skip_check_min_samples and skipped > self.max_skip_fraction * drawn:
             raise SkipLimitError(f"data: {skipped} of {drawn} samples skipped ({dict(self._skips)}), more than "
                                f"data.max_skip_fraction={self.max_skip_fraction}; first ones: "
@@ -291,6 +287,7 @@ class PretrainBatches:
     def _counted(self, loader: Iterator) -> Iterator[dict]:
         for batch, skips in loader:
             self._skips.update(skips["counts"])
+            self._drawn += self.samples_per_step + sum(skips["counts"].values())
             self._examples.extend(skips["examples"][: 3 - len(self._examples)])
             self.next_step += 1
             self._check_skips()

@@ -24,7 +24,7 @@ class RankSchedule:
         return self.first_batch + (step - self.first_step) * self.world_size + self.rank
 
     def state_dict(self) -> dict:
-        return {"first_step": self.first_step, "first_batch": self.first_batch, "world_size": self.world_size}
+        return {"first_step": self.first_step, "first_batch": self.first_batch}
 
     def with_state(self, state: dict | None) -> "RankSchedule":
         """This rank's schedule with a saved origin (states saved before schedules existed have none: 0, 0)."""

@@ -169,9 +169,9 @@ def find_resume_tag(ckpt_dir: str | Path) -> tuple[str | None, list[str]]:
 
 def clean_after_resume(ckpt_dir: str | Path, tag: str | None) -> list[str]:
     """Rank 0: remove temporary save dirs and complete tags newer than the resumed one (they will be written
-    again); a newer tag whose save finished (it has a manifest) but that fails verification is moved aside to ``<tag>.corrupt`` (kept for inspection, out of
-    resume and rotation). Published tags are never touched when no checkpoint is usable. Returns what was done,
-    one entry per directory."""
+    again); a newer tag whose save finished (it has a manifest) but that fails verification is moved aside to
+    ``<tag>.corrupt`` (kept for inspection, out of resume and rotation). Published tags are never touched when no
+    checkpoint is usable. Returns what was done, one entry per directory."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []

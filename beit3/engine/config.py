@@ -9,6 +9,8 @@ from typing import Literal
 
 from beit3.config import ConfigError
 
+from .preemption import signal_number
+
 # Built-in DeepSpeed defaults per ZeRO stage. ``configs/deepspeed/zero{1,2,3}.json`` hold the same content (a test
 # checks they agree); they are used when ``TrainConfig.deepspeed_config`` is empty, so an installed package without the
 # repository's ``configs/`` folder still works. Batch sizes, precision, clipping and the stage come from TrainConfig.
@@ -129,8 +131,6 @@ class TrainConfig:
             raise ConfigError(f"config key 'zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.clip_grad < 0:
             raise ConfigError(f"config key 'clip_grad' must be >= 0, got {self.clip_grad}")
-        from .preemption import signal_number
-
         for name in self.preempt_signals:
             try:
                 signal_number(name)

@@ -10,8 +10,9 @@ import torch
 from beit3.errors import CheckpointError
 
 from .checkpointing import find_resume_tag, step_of_tag
-from .safe_load import safe_torch_load, safe_zero_to_fp32
+from .safe_load import safe_torch_load, safe_torch_load_everywhere
 from .tag_files import checkpoint_problem
+
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints dir, tag) for an output dir, a checkpoints dir (with ``latest``) or a tag dir."""
@@ -43,7 +44,9 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
     ckpt_dir, tag = resolve_checkpoint(path)
     tag_dir = ckpt_dir / tag
     if any(tag_dir.glob("*optim_states.pt")):
-        with safe_zero_to_fp32() as zero_to_fp32:
+        from deepspeed.utils import zero_to_fp32
+
+        with safe_torch_load_everywhere():
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
                 str(ckpt_dir), tag=tag, exclude_frozen_parameters=exclude_frozen_parameters)
         if not exclude_frozen_parameters:
@@ -70,4 +73,3 @@ def export_consolidated_state_dict(path: str | Path, exclude_frozen_parameters: 
                 state.update(zip(group_names, tensors))
     return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
             for k, v in state.items()}
-

@@ -276,7 +276,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
     interval = Interval()
     signals = StopSignals(train_cfg.preempt_signals, announce=rank == 0)
     try:
-        signals.__enter__()
+        signals.install()
         while step < train_cfg.steps:
             scheduler.set_step(step)
             lr = max(group["lr"] for group in optimizer.param_groups)
@@ -313,7 +313,7 @@ def train(model: nn.Module, batches: Iterable, train_cfg: TrainConfig, optim_cfg
         monitor.message(f"[beit3.engine] interrupted during step {step + 1}; {last_good()}")
         raise
     finally:
-        signals.__exit__()
+        signals.restore()
         if grad_check is not None:
             grad_check.remove()
         monitor.close()

@@ -29,8 +29,8 @@ def signal_number(name: str) -> int:
 
 
 class StopSignals:
-    """Records the first stop signal of this process while installed (a context manager; main thread only, a no-op
-    elsewhere). ``received`` is the signal number or 0."""
+    """Records the first stop signal of this process between :meth:`install` and :meth:`restore` (main thread only,
+    a no-op elsewhere). ``received`` is the signal number or 0."""
 
     def __init__(self, names: list[str], announce: bool):
         self.numbers = sorted({signal_number(n) for n in names} | {int(INTERRUPT)})
@@ -39,13 +39,13 @@ class StopSignals:
         self._interrupts = 0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for number in self.numbers:
                 self._previous[number] = signal.signal(number, self._handle)
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """The handlers from before :meth:`install`."""
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()

@@ -11,9 +11,9 @@ in a checkpoint directory could run arbitrary code on resume or export. The file
 
 all plain data holders (their construction runs no user code). :func:`safe_torch_load` allows only those, so a pickle
 that references any other global (``os.system``, ``builtins.eval``, ...) is refused with :class:`CheckpointError`.
-:func:`install_safe_loader` routes an engine's checkpoint loads through it; :func:`safe_zero_to_fp32` does the
-same for ``zero_to_fp32`` while it runs, and :func:`safe_torch_load_everywhere` for every ``torch.load`` of the
-process while DeepSpeed converts and loads a universal checkpoint (resume on another number of ranks).
+:func:`install_safe_loader` routes an engine's checkpoint loads through it; :func:`safe_torch_load_everywhere` does
+the same for every ``torch.load`` of the process while ``zero_to_fp32`` exports, or DeepSpeed converts and loads a
+universal checkpoint (resume on another number of ranks).
 """
 from __future__ import annotations
 
@@ -84,40 +84,11 @@ def install_safe_loader(engine) -> bool:
     return True
 
 
-class _SafeTorch(types.ModuleType):
-    """``torch`` as seen by ``zero_to_fp32`` while :func:`safe_zero_to_fp32` is active: ``load`` is safe."""
-
-    def __init__(self):
-        super().__init__("torch")
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, map_location=None, **kwargs):
-        return safe_torch_load(f, map_location=map_location, **kwargs)
-
-
-@contextlib.contextmanager
-def safe_zero_to_fp32():
-    """While active, ``deepspeed.utils.zero_to_fp32`` reads files with :func:`safe_torch_load` (its module-level
-    ``torch`` name is swapped for a proxy; other modules are unaffected). One process, one thread: export only."""
-    from deepspeed.utils import zero_to_fp32
-
-    original = zero_to_fp32.torch
-    zero_to_fp32.torch = _SafeTorch()
-    try:
-        yield zero_to_fp32
-    finally:
-        zero_to_fp32.torch = original
-
-
-
 @contextlib.contextmanager
 def safe_torch_load_everywhere():
-    """While active, ``torch.load`` itself is :func:`safe_torch_load` (DeepSpeed's universal-checkpoint converter
-    and loader call ``torch.load(weights_only=False)`` from several modules). For the main thread of a training
-    process at resume, when no other code runs."""
+    """While active, ``torch.load`` itself is :func:`safe_torch_load` (``zero_to_fp32`` and DeepSpeed's
+    universal-checkpoint converter and loader call ``torch.load(weights_only=False)`` from several modules). For one
+    thread of a process while nothing else loads: an export, or a training process at resume."""
     original = torch.load
     torch.load = safe_torch_load
     try:
