@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on procedural demo data, in one command (~42 min on a 2-core CPU, README; faster on GPUs):
+# The whole pipeline on procedural demo data, in one command (19 min on a 2-core CPU, 42 on a slow day: README):
 # demo data + text tokenizer -> visual tokenizer (VQ-KD) -> tiny BEiT-3 pretraining (DeepSpeed: 2 CPU ranks, or all
 # GPUs) -> export -> fine-tuning of retrieval, VQA and captioning from the pretrained model and from scratch -> results
 # table (runs/demo/results.md, results.json) and plots (runs/demo/*.png).
