@@ -7,6 +7,7 @@ and values of the wrong type raise :class:`ConfigError` with the full dotted key
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -100,6 +101,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:
+        if isinstance(value, str) and value.startswith("~"):
+            return os.path.expanduser(value)  # paths: the YAML file and --set get no shell expansion
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
@@ -203,14 +206,34 @@ def write_yaml(path: str | Path, data: dict) -> Path:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Load dataclass ``cls`` from an optional YAML file plus ``key=value`` overrides."""
-    data = read_yaml(path) if path is not None else {}
-    data = merge(data, parse_overrides(overrides))
+    overrides = list(overrides)
+    from_file = read_yaml(path) if path is not None else {}
+    data = merge(from_file, parse_overrides(overrides))
     try:
         return from_dict(cls, data)
     except ConfigError as err:
+        culprit = _override_at_fault(cls, from_file, overrides, err)
+        if culprit:
+            raise ConfigError(f"--set {culprit}: {err}") from err
         if path is not None:
             raise ConfigError(f"{path}: {err}") from err
         raise
+
+
+def _override_at_fault(cls: type, from_file: dict, overrides: list[str], err: ConfigError) -> str:
+    """The ``--set`` item(s) behind ``err``: the one whose key the message names, else all of them when the file alone
+    does not give the same error; "" when the file is at fault."""
+    if not overrides:
+        return ""
+    try:
+        from_dict(cls, from_file)
+    except ConfigError as file_err:
+        if str(file_err) == str(err):
+            return ""
+    message = str(err)
+    named = [item for item in overrides
+             if f"'{item.split('=', 1)[0].strip()}'" in message or f"'{item.split('=', 1)[0].strip().split('.')[-1]}'" in message]
+    return " ".join(named or overrides)
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -114,7 +114,7 @@ def test_save_pretrained_round_trip(tmp_path):
     model = _tiny(depth=1, vl_expert_layers=1)
     beit3.save_pretrained(model, tmp_path / "saved")
     meta = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert meta["model_class"] == "BEiT3" and meta["config"]["vl_expert_layers"] == 1
+    assert meta["model_class"] == "BEiT3" and meta["beit3_config"]["vl_expert_layers"] == 1
     loaded = beit3.from_pretrained(tmp_path / "saved").eval()
     x = torch.randn(2, 3, 32, 32)
     tokens = torch.randint(0, 1000, (2, 5))
@@ -125,6 +125,6 @@ def test_save_pretrained_round_trip(tmp_path):
     assert beit3.load_checkpoint(_tiny(depth=1, vl_expert_layers=1), tmp_path / "saved", strict=True).missing == []
     with pytest.raises(CheckpointError, match="no config.json"):
         beit3.from_pretrained(tmp_path)
-    (tmp_path / "saved" / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "depht": 3}}))
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({**meta, "beit3_config": {**meta["beit3_config"], "depht": 3}}))
     with pytest.raises(CheckpointError, match="depht"):
         beit3.from_pretrained(tmp_path / "saved")

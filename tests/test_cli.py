@@ -54,3 +54,33 @@ def test_make_demo_data_out_must_not_be_a_file(tmp_path, capsys):
 def test_ctrl_c_is_exit_130_without_a_traceback(capsys):
     assert exit_code(_raise(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_yaml(tmp_path):
+    from beit3.cli.finetune import FinetuneConfig
+    from beit3.config import load_config
+    config = tmp_path / "ft.yaml"
+    config.write_text("task: vqav2\ntrain:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"^--set train.progress=maybe: config key 'train.progress'"):
+        load_config(FinetuneConfig, config, ["data.root=x", "train.progress=maybe"])
+    assert load_config(FinetuneConfig, config, ["train.progress=on"]).train.progress == "on"  # YAML's boolean on
+    config.write_text("task: vqav2\ntrain:\n  steps: 0\n")
+    with pytest.raises(ConfigError, match=f"^{config}: "):
+        load_config(FinetuneConfig, config, ["data.root=x"])
+
+
+def test_every_make_demo_data_option_has_help(capsys):
+    from beit3.cli.commands import make_demo_data_main
+    with pytest.raises(SystemExit):
+        make_demo_data_main(["--help"])
+    text = capsys.readouterr().out
+    import re
+    for option in re.findall(r"^  (--[a-z-]+)", text, flags=re.M):
+        described = re.search(rf"^  {option}\b[^\n]*?(\S+ {{2,}}\S|\n {{10,}}\S)", text, flags=re.M)
+        assert described, f"{option} has no help"
+
+
+def test_data_root_defaults_agree_across_tools():
+    from beit3.cli.finetune import FinetuneDataConfig
+    from beit3.data.pretrain import PretrainDataConfig
+    assert FinetuneDataConfig().root == PretrainDataConfig().root == "runs/demo/data"

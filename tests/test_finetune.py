@@ -128,3 +128,25 @@ def test_task_mismatch_between_flag_and_config_is_an_error(demo_root, tmp_path, 
     args = ["--task", "vqav2", "--config", str(REPO / "configs/finetune/demo_nlvr2.yaml"), "--set",
             f"data.root={demo_root}", f"output_dir={tmp_path}"]
     assert main(args) == 2 and "nlvr2" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_checkpoint_without_the_task_head(demo_root, tmp_path, capsys):
+    """A pretraining export (no VQA head) evaluated as VQA would score random weights: exit 2 saying to fine-tune."""
+    tok_vocab = json.loads((demo_root / "manifest.json").read_text())["text_vocab_size"]
+    backbone = create_model("beit3_tiny_patch8_32", vocab_size=max(1000, tok_vocab + 1))
+    torch.save({"model": {f"beit3.{k}": v for k, v in backbone.state_dict().items()}}, tmp_path / "pretrained.pth")
+    assert evaluate_main(["--task", "vqav2", "--config", str(REPO / "configs/finetune/demo_vqav2.yaml"),
+                          "--checkpoint", str(tmp_path / "pretrained.pth"), "--out", str(tmp_path / "m.json"),
+                          "--set", f"data.root={demo_root}", "data.num_workers=0", "data.image_size=32", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "has no trained vqav2 head (missing: head." in err and "Fine-tune it first" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_refuses_retrieval_without_trained_contrastive_heads(demo_root, tmp_path, capsys):
+    backbone = create_model("beit3_tiny_patch8_32")
+    torch.save({"model": {f"beit3.{k}": v for k, v in backbone.state_dict().items()}}, tmp_path / "backbone.pth")
+    assert evaluate_main(["--task", "coco_retrieval", "--config", str(REPO / "configs/finetune/demo_retrieval.yaml"),
+                          "--checkpoint", str(tmp_path / "backbone.pth"), "--out", str(tmp_path / "zs.json"), "--set",
+                          f"data.root={demo_root}", "data.num_workers=0", "data.image_size=32", *TINY]) == 2
+    assert "has no trained retrieval heads" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import beit3
+from beit3.text import TextTokenizer
 from beit3.models.tasks import clip_loss, pad_token_ids, retrieval_scores, vqa_loss, zero_shot_classifier, zero_shot_logits
 
 from helpers import loss_and_grads_on_two_ranks
@@ -281,16 +282,21 @@ def test_zero_shot_retrieval_and_classification(inputs):
         v, t = model(image=image, text_description=text, padding_mask=pad, only_infer=True)
     torch.testing.assert_close(scores, v @ t.T)
 
-    def encode(sentence):  # a stand-in tokenizer: <s> + one id per word + </s>
-        return [0] + [3 + sum(map(ord, w)) % (V - 3) for w in sentence.split()] + [2]
+    class StandIn:  # a stand-in text tokenizer: one id per word, wrapped <s> ... </s> by TextTokenizer.pad_ids
+        bos_id, pad_id, eos_id = 0, 1, 2
+        pad_ids = TextTokenizer.pad_ids
+
+        @staticmethod
+        def encode(sentence):
+            return [3 + sum(map(ord, w)) % (V - 3) for w in sentence.split()]
 
     names = ["cat", "golden retriever"]
     templates = ("a photo of a {}.", "a drawing of a {}.")
-    classifier = zero_shot_classifier(model, names, encode, templates)
+    classifier = zero_shot_classifier(model, names, templates, tokenizer=StandIn())
     with torch.no_grad():
         rows = []
         for name in names:
-            ids, mask = pad_token_ids([encode(t.format(name)) for t in templates], pad_id=1)
+            ids, mask = pad_token_ids([[0, *StandIn.encode(t.format(name)), 2] for t in templates], pad_id=1)
             _, feats = model(text_description=ids, padding_mask=mask, only_infer=True)
             rows.append(F.normalize(feats.mean(0), dim=-1))
         expected = model.logit_scale.exp() * v @ torch.stack(rows).T

@@ -28,10 +28,11 @@ def make_demo_data_main(argv: Argv = None) -> int:
 
     parser = argparse.ArgumentParser(description=make_demo_data_main.__doc__)
     parser.add_argument("--out", required=True, help="output data root (with --photos: the raw release folder)")
-    parser.add_argument("--num-images", type=int, default=400)
+    parser.add_argument("--num-images", type=int, default=400,
+                        help="images to generate, split 80/10/10 into train/val/test (default 400; tools/demo.sh uses 600)")
     parser.add_argument("--image-size", type=int, default=None, help="default 64 (demo scenes), 128 (--photos)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-shards", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    parser.add_argument("--num-shards", type=int, default=4, help="WebDataset shards of the image-text pairs")
     parser.add_argument("--photos", action="store_true",
                         help="real photographs shipped by scikit-image / scikit-learn, captioned with their names")
     args = parser.parse_args(argv)

@@ -25,7 +25,8 @@ from beit3.finetune import (TASKS, CaptioningOptions, ClassificationOptions, Eva
 from beit3.finetune.data import require_keys
 from beit3.finetune.evaluation import BEST_DIR, BEST_METRICS_FILE
 from beit3.models import CheckpointError, create_model, from_pretrained, load_checkpoint, model_config, read_state_dict
-from beit3.models.checkpoint import CONFIG_FILE as MODEL_CONFIG_FILE
+from beit3.models.checkpoint import CONFIG_FILE as MODEL_CONFIG_FILE, saved_model_class
+from beit3.models.tasks.zero_shot import require_contrastive_heads
 from beit3.text import TextTokenizer
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -51,7 +52,7 @@ class FinetuneDataConfig:
     official recipe: 0.5 and on; off for data whose text speaks of left and right, like the demo's), max text length
     (0: 64, captioning 32) and captioning references per split (merged over ``coco_karpathy_{val,test}_gt.json``)."""
 
-    root: str = "data"
+    root: str = "runs/demo/data"  # the demo data of the README; the same default in every tool
     train_index: list[str] = field(default_factory=list)
     val_index: str = ""
     test_index: str = ""
@@ -218,6 +219,7 @@ def build_model(cfg: FinetuneConfig, tokenizer: TextTokenizer, train_items: list
             raise ConfigError(f"model.init_from '{cfg.model.init_from}': {err}") from err
         if get_rank() == 0:
             print(f"[beit3.finetune] loaded {cfg.model.init_from}: {report}", flush=True)
+        model.init_report = report  # what the checkpoint held (evaluation refuses untrained heads)
     return model
 
 
@@ -272,12 +274,27 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
 
 
 def _load_for_eval(cfg: FinetuneConfig, checkpoint: Path, tokenizer: TextTokenizer) -> nn.Module:
+    """A fine-tuned folder of this task's model class as saved; anything else (a pretraining export, an official
+    ``.pth``) loaded into the configured model, which must then find its trained heads in it: evaluating random heads
+    is refused (for retrieval, trained contrastive heads make it zero-shot evaluation)."""
     if (checkpoint / BEST_DIR / MODEL_CONFIG_FILE).is_file():
         checkpoint = checkpoint / BEST_DIR
-    if (checkpoint / MODEL_CONFIG_FILE).is_file():
-        return from_pretrained(checkpoint)
     with_init = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(checkpoint)))
-    return build_model(with_init, tokenizer, _read_items(cfg, "train"))
+    model = build_model(with_init, tokenizer, _read_items(cfg, "train"))
+    if (checkpoint / MODEL_CONFIG_FILE).is_file() and saved_model_class(checkpoint) == type(model).__name__:
+        return from_pretrained(checkpoint)
+    report = model.init_report
+    try:
+        require_contrastive_heads(model, report, str(checkpoint))
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    heads = sorted(k for k in report.missing if not k.startswith("beit3."))
+    if heads:
+        raise ConfigError(
+            f"'{checkpoint}' has no trained {cfg.task} head (missing: {', '.join(heads[:6])}"
+            f"{', ...' if len(heads) > 6 else ''}): evaluating it would score random weights. Fine-tune it first "
+            f"(tools/finetune.py --task {cfg.task} --set model.init_from={checkpoint}) and evaluate that run")
+    return model
 
 
 def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | Path, split: str, out: str | Path) -> dict:

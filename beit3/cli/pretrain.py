@@ -253,7 +253,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
 
 def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Consolidate the latest checkpoint of a pretraining run (any ZeRO stage) into ``out_dir``:
-    ``config.json`` + ``model.safetensors`` (``from_pretrained``) and ``beit3_pretrained.pth``, the official layout
+    ``config.json`` + ``model.safetensors`` (``from_pretrained``), the run's text tokenizer as ``beit3.spm``, a model
+    card, and ``beit3_pretrained.pth``, the official layout
     (``{"model": {beit3.*, mim_head.*, mlm_head.*}}``) that ``load_checkpoint`` and the official fine-tuning code read."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(PretrainConfig, run_dir / RUN_CONFIG_FILE)
@@ -263,7 +264,8 @@ def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
     overrides = {"vocab_size": state["beit3.text_embed.weight"].shape[0], **cfg.model.overrides}
     model = BEiT3ForPretraining(model_config(cfg.model.name, **overrides), **BEiT3ForPretraining.heads_of(state))
     load_checkpoint(model, state, strict=True)
-    save_pretrained(model, out_dir)
+    text_path = text_tokenizer_path(cfg)
+    save_pretrained(model, out_dir, text_tokenizer=text_path if text_path.is_file() else None)
     torch.save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, out_dir / OFFICIAL_EXPORT_FILE)
     return out_dir
 

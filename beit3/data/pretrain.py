@@ -47,7 +47,7 @@ _STREAM_CODES = {name: code for code, name in enumerate(STREAMS)}
 class PretrainDataConfig:
     """Where pretraining data comes from and how each step's batches look (per rank)."""
 
-    root: str = "data/demo"
+    root: str = "runs/demo/data"  # the demo data of the README; the same default in every tool
     image_source: str = "imagenet.train.index.jsonl"  # JSONL index, classification folder or tar shards
     text_sources: list[str] = field(default_factory=lambda: ["corpus.txt"])  # plain text files
     pair_source: str = "coco_retrieval.train.jsonl"  # retrieval-style JSONL index or img2dataset tar shards

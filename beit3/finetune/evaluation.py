@@ -98,7 +98,7 @@ class EvalCallback(Callback):
             improved = self.best is None or value > self.best
             out = Path(ctx.output_dir)
             if improved and ctx.rank == 0:
-                save_pretrained(task_model, out / BEST_DIR)
+                save_pretrained(task_model, out / BEST_DIR, text_tokenizer=getattr(self.ctx.tokenizer, "spm_path", None))
                 write_predictions(result, out / BEST_DIR, self.split)
                 record = {"step": step, "split": self.split, "metric": self.metric, "metrics": result.metrics}
                 (out / BEST_METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -342,6 +342,15 @@ class BEiT3(nn.Module):
         if textual_tokens is not None:
             if textual_tokens.dim() != 2:
                 raise ValueError(f"textual_tokens must be (batch, length) token ids; got shape {tuple(textual_tokens.shape)}")
+            # a bare IndexError (or a CUDA device assert) otherwise; skipped in GPU training, where it would sync
+            checked = not self.training or textual_tokens.device.type == "cpu"
+            if checked and textual_tokens.numel() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+                low, high = int(textual_tokens.min()), int(textual_tokens.max())
+                if low < 0 or high >= self.config.vocab_size:
+                    raise ValueError(
+                        f"textual_tokens hold id {high if high >= self.config.vocab_size else low}, outside this model's "
+                        f"vocabulary [0, {self.config.vocab_size}): use the text tokenizer the model was trained with "
+                        "(beit3.get_tokenizer) or build the model with its vocab_size")
             parts.append(self.text_embed(textual_tokens))
             text_len = textual_tokens.shape[1]
         if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Union
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ConfigError, from_dict, to_dict
+from ..hub import resolve_pretrained
 from .backbone import POSITION_OFFSET, BEiT3, BEiT3Config
 from .registry import model_class
 
@@ -32,6 +34,9 @@ BACKBONE_ROOTS = ("text_embed.", "vision_embed.", "encoder.")
 VISION_POSITIONS = "encoder.embed_positions.A.weight"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MODEL_CARD_FILE = "README.md"
+TEXT_TOKENIZER_FILE = "beit3.spm"
+HF_MODEL_TYPE = "beit3"  # config.json's model_type: transformers' AutoConfig finds beit3.hf.BEiT3HFConfig by it
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,7 +47,7 @@ from ..errors import CheckpointError  # noqa: E402  (re-exported: beit3.models.c
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Read the tensors of a checkpoint: an official ``.pth`` (under ``model``/``module``/``state_dict`` or at the
     top level), a ``.safetensors`` file, or a ``save_pretrained`` directory."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         if not (path / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"'{path}' is a directory without {WEIGHTS_FILE}; not a saved model")
@@ -195,33 +200,89 @@ def load_checkpoint(
     return report
 
 
-def save_pretrained(model: nn.Module, directory: PathLike) -> Path:
-    """Write ``config.json`` (class, config, init arguments) and ``model.safetensors`` into ``directory``."""
-    directory = Path(directory)
+def _readable_as_umask_allows(path: Path) -> None:
+    """safetensors writes its files mode 0600; give them the mode a plain ``open`` would (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_pretrained(model: nn.Module, directory: PathLike, text_tokenizer: PathLike | None = None) -> Path:
+    """Write a push-ready folder: ``config.json`` (class, backbone config, init arguments; also read by
+    ``transformers.AutoConfig``), ``model.safetensors``, a model card ``README.md`` (kept if one exists) and, with
+    ``text_tokenizer``, that SentencePiece model as ``beit3.spm``."""
+    directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     backbone, _ = _backbone_of(model)
     meta = {
+        "model_type": HF_MODEL_TYPE,
+        "architectures": [type(model).__name__],
         "model_class": type(model).__name__,
-        "config": to_dict(backbone.config),
+        "beit3_config": to_dict(backbone.config),
         "init_kwargs": dict(getattr(model, "init_kwargs", {})),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
+    _readable_as_umask_allows(tmp)
     os.replace(tmp, directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if text_tokenizer is not None:
+        shutil.copyfile(Path(text_tokenizer).expanduser(), directory / TEXT_TOKENIZER_FILE)
+    card = directory / MODEL_CARD_FILE
+    if not card.exists():
+        card.write_text(model_card(meta, has_tokenizer=(directory / TEXT_TOKENIZER_FILE).is_file()))
     return directory
 
 
-def from_pretrained(directory: PathLike, **config_overrides) -> nn.Module:
-    """Rebuild and load a model written by :func:`save_pretrained` (weights loaded strictly)."""
-    directory = Path(directory)
+def model_card(meta: Mapping, has_tokenizer: bool) -> str:
+    """A Hugging Face model card (YAML front matter + usage) for a folder written by :func:`save_pretrained`."""
+    cfg = meta["beit3_config"]
+    size = f"{cfg['embed_dim']}-wide, {cfg['depth']} layers, {cfg['img_size']} px, patch {cfg['patch_size']}"
+    tokenizer_line = ("The text tokenizer is `beit3.spm` in this folder." if has_tokenizer else
+                      "No text tokenizer is stored here: pass the SentencePiece model used in training to "
+                      "`beit3.get_tokenizer`.")
+    return f"""---
+library_name: beit3
+tags: [beit3, multiway-transformer, vision-language]
+license: mit
+---
+# {meta['model_class']} ({size})
+
+A BEiT-3 model written by the `beit3` package. {tokenizer_line}
+
+```python
+import beit3  # registers the BEiT-3 classes with transformers' Auto classes
+model = beit3.from_pretrained("path/or/org-name")             # the {meta['model_class']} itself
+# or: transformers.AutoModel.from_pretrained("path/or/org-name")  # the backbone
+```
+
+Images: RGB, bicubic resize to {cfg['img_size']} x {cfg['img_size']}, normalised with mean = std = 0.5 per channel.
+"""
+
+
+def saved_model_class(directory: PathLike) -> str:
+    """The model class name recorded in a :func:`save_pretrained` folder's ``config.json``."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())["model_class"]
+    except FileNotFoundError:
+        raise CheckpointError(f"'{directory}' has no {CONFIG_FILE}; not a folder written by save_pretrained") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"'{path}' is not a beit3 model config: {err}") from err
+
+
+def from_pretrained(name_or_path: PathLike, **config_overrides) -> nn.Module:
+    """Rebuild and load a model written by :func:`save_pretrained` (weights loaded strictly): a local folder or a
+    Hugging Face Hub repository id (``"org/name"``, through the hub cache; ``HF_HUB_OFFLINE=1`` uses the cache only)."""
+    directory = resolve_pretrained(name_or_path)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"'{directory}' has no {CONFIG_FILE}; not a directory written by save_pretrained")
     try:
         meta = json.loads(config_path.read_text())
-        config = from_dict(BEiT3Config, {**meta["config"], **config_overrides}, prefix="config")
+        saved = meta["beit3_config"] if "beit3_config" in meta else meta["config"]  # "config": written before 0.2
+        config = from_dict(BEiT3Config, {**saved, **config_overrides}, prefix="beit3_config")
         cls = model_class(meta["model_class"])
     except (json.JSONDecodeError, KeyError, ConfigError, ValueError) as err:
         raise CheckpointError(f"'{config_path}' is not a valid model config: {err}") from err

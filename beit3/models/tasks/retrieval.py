@@ -14,7 +14,11 @@ from ..heads import check_batch
 from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class
 
-__all__ = ["BEiT3ForRetrieval", "ITMHead", "clip_loss", "gather_with_grad"]
+__all__ = ["CONTRASTIVE_HEAD_KEYS", "BEiT3ForRetrieval", "ITMHead", "clip_loss", "gather_with_grad"]
+
+# the keys a checkpoint must hold for the dual encoder's embeddings to mean anything (zero-shot use)
+CONTRASTIVE_HEAD_KEYS = ("vision_head.weight", "language_head.weight", "logit_scale")
+PAD_ID = 1  # <pad> in the XLM-R id layout of every BEiT-3 text tokenizer
 
 # ITM scores outside the re-ranked top-k keep their contrastive order, shifted below every re-ranked pair.
 RERANK_OFFSET = 1e4
@@ -40,17 +44,36 @@ class BEiT3ForRetrieval(BEiT3TaskModel):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"logit_scale"}
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings (B, D)."""
+    def encode_image(self, image) -> torch.Tensor:
+        """L2-normalised image embeddings (B, D) of a (B, 3, S, S) tensor, or of PIL images / image paths through
+        ``self.processor`` (set by ``beit3.create_model_and_transforms``)."""
+        if not isinstance(image, torch.Tensor):
+            image = self._processor().images(image).to(self.logit_scale.device)
         check_batch("image", image, 4)
         tokens = self.beit3(visual_tokens=image)["encoder_out"]
         return F.normalize(self.vision_head(tokens[:, 0]), dim=-1)
 
-    def encode_text(self, text_description: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """L2-normalised text embeddings (B, D)."""
+    def encode_text(self, text_description, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L2-normalised text embeddings (B, D) of token ids (B, T) (``<s>`` ... ``</s>``; without ``padding_mask``
+        the ``<pad>`` ids are the padding), or of raw strings through ``self.processor``."""
+        if isinstance(text_description, str) or (isinstance(text_description, (list, tuple)) and text_description
+                                                 and isinstance(text_description[0], str)):
+            text_description, padding_mask = self._processor().texts(text_description)
+            text_description = text_description.to(self.logit_scale.device)
+            padding_mask = padding_mask.to(self.logit_scale.device)
         check_batch("text_description", text_description, 2)
+        if padding_mask is None and not torch.jit.is_tracing():
+            padding_mask = text_description == PAD_ID
         tokens = self.beit3(textual_tokens=text_description, text_padding_position=padding_mask)["encoder_out"]
         return F.normalize(self.language_head(tokens[:, 0]), dim=-1)
+
+    def _processor(self):
+        processor = getattr(self, "processor", None)
+        if processor is None:
+            raise TypeError("raw images or strings need a processor: build the model with "
+                            "beit3.create_model_and_transforms(...), or set model.processor = beit3.BEiT3Processor(...); "
+                            "otherwise pass tensors")
+        return processor
 
     def forward(
         self,

@@ -2,12 +2,13 @@
 image classification from class-name prompts ("a photo of a {name}.") encoded by the language side."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .retrieval import BEiT3ForRetrieval
+from ...errors import CheckpointError
+from .retrieval import CONTRASTIVE_HEAD_KEYS, BEiT3ForRetrieval
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -52,23 +53,48 @@ def retrieval_scores(
 def zero_shot_classifier(
     model: BEiT3ForRetrieval,
     class_names: Sequence[str],
-    encode: Callable[[str], Sequence[int]],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
-    pad_id: int = 1,
+    tokenizer=None,
 ) -> torch.Tensor:
-    """Class embeddings (C, D): each template filled with the class name, encoded by ``encode`` (text -> full token
-    ids incl. BOS/EOS, e.g. ``tokenizer.encode``) and the language side, averaged over templates, L2-normalised."""
+    """Class embeddings (C, D): each template filled with the class name, tokenised as in training (``<s>`` + ids +
+    ``</s>``: by ``tokenizer``, a :class:`~beit3.text.TextTokenizer`, or else ``model.processor``), encoded by the
+    language side, averaged over templates, L2-normalised."""
     if not class_names or not templates:
         raise ValueError("zero_shot_classifier needs at least one class name and one template")
+    if isinstance(templates, str):
+        raise TypeError("templates must be a list of strings such as ['a photo of a {}.'], not one string")
     device = model.logit_scale.device
     weights = []
     for name in class_names:
-        ids, mask = pad_token_ids([encode(t.format(name)) for t in templates], pad_id)
-        weights.append(model.encode_text(ids.to(device), mask.to(device)).mean(dim=0))
+        prompts = [t.format(name) for t in templates]
+        if tokenizer is not None:
+            encoded = [tokenizer.encode(p) for p in prompts]
+            ids, mask = tokenizer.pad_ids(encoded, max(map(len, encoded)) + 2)
+            weights.append(model.encode_text(ids.to(device), mask.to(device)).mean(dim=0))
+        else:
+            weights.append(model.encode_text(prompts).mean(dim=0))
     return F.normalize(torch.stack(weights), dim=-1)
 
 
 @torch.no_grad()
 def zero_shot_logits(model: BEiT3ForRetrieval, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Class logits (B, C): scaled cosine of the image embeddings against :func:`zero_shot_classifier`."""
+    """Class logits (B, C): cosine of the image embeddings (tensors, or PIL images / paths through
+    ``model.processor``) against :func:`zero_shot_classifier`, times ``logit_scale.exp()`` (the trained temperature:
+    without it a softmax over cosines is nearly uniform)."""
     return model.logit_scale.exp() * model.encode_image(images) @ classifier.T
+
+
+def require_contrastive_heads(model, report, source: str) -> None:
+    """Refuse a retrieval model whose checkpoint (``report``: its :class:`~beit3.models.LoadReport`) did not hold the
+    contrastive heads: their random projections give embeddings but no zero-shot meaning."""
+    if not isinstance(model, BEiT3ForRetrieval):
+        return
+    missing = sorted(set(CONTRASTIVE_HEAD_KEYS) & set(report.missing))
+    if missing:
+        raise CheckpointError(
+            f"'{source}' has no trained retrieval heads (missing: {', '.join(missing)}), so zero-shot retrieval or "
+            "classification with it would use random projections. Use a retrieval fine-tuned model (tools/finetune.py "
+            "--task coco_retrieval or flickr30k; its OUT/best folder), or a pretraining run with the contrastive "
+            "objective (objective.itc_weight > 0) exported with tools/export_checkpoint.py; for backbone features of "
+            "this checkpoint use beit3.create_model_and_transforms('beit3_..._patch16_224', pretrained=...) instead")
+
