@@ -47,8 +47,32 @@ def test_make_demo_data_out_must_not_be_a_file(tmp_path, capsys):
     from beit3.cli.commands import make_demo_data_main
 
     (tmp_path / "afile").write_text("keep me")
-    assert make_demo_data_main(["--out", str(tmp_path / "afile")]) == 2
-    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep me"
+    with pytest.raises(SystemExit) as stop:
+        make_demo_data_main(["--out", str(tmp_path / "afile")])
+    assert stop.value.code == 2
+    assert "is an existing file; this tool writes a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_out_is_a_file_or_a_folder_and_each_tool_says_which(tmp_path, capsys):
+    """--out names a folder for the tools that write folders and a file for those that write one file; the wrong
+    kind is refused before anything runs, with '~' expanded either way."""
+    from beit3.cli.commands import export_checkpoint_main, out_file, out_folder
+    from beit3.cli.finetune import evaluate_main
+    from beit3.cli.use import extract_features_main
+
+    (tmp_path / "afile").write_text("keep me")
+    for main, args, said in [(evaluate_main, ["--checkpoint", "x", "--out", str(tmp_path)], "is a folder; this tool writes one file"),
+                             (extract_features_main, ["--checkpoint", "x", "--texts", "t", "--out", str(tmp_path)],
+                              "is a folder; this tool writes one file"),
+                             (export_checkpoint_main, ["--run", "x", "--out", str(tmp_path / "afile")],
+                              "is an existing file; this tool writes a folder")]:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2 and said in capsys.readouterr().err, main.__name__
+    assert (tmp_path / "afile").read_text() == "keep me"
+    import os
+    assert out_file("~/m.json") == os.path.expanduser("~/m.json") and out_folder("~/d") == os.path.expanduser("~/d")
 
 
 def test_ctrl_c_is_exit_130_without_a_traceback(capsys):

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit3.bench.common import ALL_CASES, SUITES, BenchConfig  # noqa: E402
 from beit3.bench.run import format_table, run, write_json  # noqa: E402
+from beit3.cli.commands import out_file
 
 
 def main(argv=None) -> dict:
@@ -34,7 +35,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data-root", default=None, help="data root for the loading benchmark (default: generated demo)")
     p.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma list of {','.join(ALL_CASES)}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--out", default=None, type=out_file, help="JSON file for the results")
     args = p.parse_args(argv)
 
     if args.threads:

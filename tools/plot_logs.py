@@ -7,12 +7,13 @@
 import argparse
 
 from beit3.demo.plots import gap_keys, plot_logs, read_log
+from beit3.cli.commands import out_file
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", help="log.jsonl files (one panel each)")
-    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--out", required=True, type=out_file, help="PNG to write")
     parser.add_argument("--keys", nargs="*", default=None, help="fields to plot (default: every loss* field)")
     parser.add_argument("--labels", nargs="*", default=None, help="panel titles (default: the run folder names)")
     parser.add_argument("--eval", action="store_true", help="plot the held-out evaluation's gaps (eval_*gap fields)")

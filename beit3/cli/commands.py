@@ -20,6 +20,23 @@ def _fail(err: Exception) -> int:
     return 2
 
 
+def out_folder(value: str) -> str:
+    """argparse ``type`` of an ``--out`` that is a folder: ``~`` expanded, an existing file refused."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}' is an existing file; this tool writes a folder there")
+    return str(path)
+
+
+def out_file(value: str) -> str:
+    """argparse ``type`` of an ``--out`` that is one file: ``~`` expanded, an existing folder refused."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}' is a folder; this tool writes one file: give its path, e.g. "
+                                         f"'{path / 'out.json'}'")
+    return str(path)
+
+
 def make_demo_data_main(argv: Argv = None) -> int:
     """Generate the procedural demo data root (images, BEiT-3 index files, corpus, beit3.spm, WebDataset shards), or
     with --photos a COCO Karpathy raw release of real photographs (for tools/convert_dataset.py coco_karpathy)."""
@@ -27,7 +44,8 @@ def make_demo_data_main(argv: Argv = None) -> int:
     from beit3.demo.photos import make_photo_release
 
     parser = argparse.ArgumentParser(description=make_demo_data_main.__doc__)
-    parser.add_argument("--out", required=True, help="output data root (with --photos: the raw release folder)")
+    parser.add_argument("--out", required=True, type=out_folder,
+                        help="output data root (with --photos: the raw release folder)")
     parser.add_argument("--num-images", type=int, default=400,
                         help="images to generate, split 80/10/10 into train/val/test (default 400; tools/demo.sh uses 600)")
     parser.add_argument("--image-size", type=int, default=None, help="default 64 (demo scenes), 128 (--photos)")
@@ -36,8 +54,6 @@ def make_demo_data_main(argv: Argv = None) -> int:
     parser.add_argument("--photos", action="store_true",
                         help="real photographs shipped by scikit-image / scikit-learn, captioned with their names")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        return _fail(ValueError(f"--out '{args.out}' is an existing file, not a folder"))
     start = time.perf_counter()
     try:
         if args.photos:
@@ -60,7 +76,7 @@ def convert_dataset_main(argv: Argv = None) -> int:
     parser = argparse.ArgumentParser(description=convert_dataset_main.__doc__)
     parser.add_argument("dataset", choices=sorted(CONVERTERS))
     parser.add_argument("--src", required=True, help="folder holding the raw release")
-    parser.add_argument("--out", required=True, help="output data root")
+    parser.add_argument("--out", required=True, type=out_folder, help="output data root")
     parser.add_argument("--tokenizer", help="SentencePiece model (beit3.spm); needed for all but imagenet")
     parser.add_argument("--min-answer-count", type=int, default=9, help="vqav2: answer vocabulary threshold")
     parser.add_argument("--rest-val-images", type=int, default=1000, help="vqav2: val images kept for validation")
@@ -81,7 +97,7 @@ def train_text_tokenizer_main(argv: Argv = None) -> int:
 
     parser = argparse.ArgumentParser(description=train_text_tokenizer_main.__doc__)
     parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence or document per line")
-    parser.add_argument("--out", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--out", required=True, type=out_file, help="output prefix; writes PREFIX.model and PREFIX.vocab")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--character-coverage", type=float, default=1.0)
     args = parser.parse_args(argv)
@@ -110,7 +126,7 @@ def tokenize_dataset_main(argv: Argv = None) -> int:
     source.add_argument("--index", nargs="+", help="JSONL index file(s) with image_path entries relative to --root; "
                         "several files are coded into one directory (e.g. the image and the pair stream's indexes)")
     parser.add_argument("--root", help="data root for --index (default: the first index file's folder)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, type=out_folder, help="output directory")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default S*256/224)")
     parser.add_argument("--num-workers", type=int, default=2)
@@ -144,7 +160,7 @@ def export_checkpoint_main(argv: Argv = None) -> int:
     parser = argparse.ArgumentParser(description=export_checkpoint_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="output_dir of a pretraining run")
-    parser.add_argument("--out", required=True, help="directory to write the exported model into")
+    parser.add_argument("--out", required=True, type=out_folder, help="directory to write the exported model into")
     args = parser.parse_args(argv)
     try:
         out = export_pretrained(args.run, args.out)
@@ -184,7 +200,7 @@ def probe_pretrained_main(argv: Argv = None) -> int:
                         help="override a key of that config, e.g. --set eval.max_samples=512")
     parser.add_argument("--probe-words", metavar="CLASS=W1,W2", nargs="+", action="extend", default=[],
                         help="a probe word class (repeatable), e.g. colour=red,green,blue")
-    parser.add_argument("--out", required=True, help="JSON report to write")
+    parser.add_argument("--out", required=True, type=out_file, help="JSON report to write")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from beit3.config import ConfigError, load_config, read_yaml, to_dict, write_yaml
+from .commands import out_file
 from .startup import check_output_dir, check_previous_run, exit_code
 from beit3.engine import OptimConfig, TrainConfig, add_common_args, get_rank, get_world_size, init_distributed, train
 from beit3.finetune import (TASKS, CaptioningOptions, ClassificationOptions, EvalCallback, EvalResult, FinetuneObjective,
@@ -346,7 +347,7 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser("Evaluate a BEiT-3 task checkpoint")
     parser.add_argument("--checkpoint", required=True, help="fine-tuning run dir, save_pretrained dir or .pth file")
     parser.add_argument("--split", default="val", help="val or test")
-    parser.add_argument("--out", required=True, help="metrics JSON to write")
+    parser.add_argument("--out", required=True, type=out_file, help="metrics JSON to write")
     args = parser.parse_args(argv)
     def evaluate() -> None:
         report = evaluate_checkpoint(_load(args, Path(args.checkpoint) / RUN_CONFIG_FILE), args.checkpoint,

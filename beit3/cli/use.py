@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from .commands import _fail
+from .commands import _fail, out_file, out_folder
 
 Argv = Optional[Sequence[str]]
 
@@ -37,7 +37,8 @@ def extract_features_main(argv: Argv = None) -> int:
     _add_checkpoint_args(parser)
     parser.add_argument("--images", default=None, help="folder of images (searched recursively) or a .jsonl index")
     parser.add_argument("--texts", default=None, help="text file, one text per line")
-    parser.add_argument("--out", required=True, help="safetensors file to write (OUT.json is written beside it)")
+    parser.add_argument("--out", required=True, type=out_file,
+                        help="safetensors file to write (OUT.json is written beside it)")
     parser.add_argument("--features", choices=FEATURES, default="embedding",
                         help="embedding: the trained retrieval projections (default); cls: the backbone's CLS/BOS "
                              "outputs, for checkpoints without contrastive heads")
@@ -75,7 +76,8 @@ def export_onnx_main(argv: Argv = None) -> int:
     parser = argparse.ArgumentParser(description=export_onnx_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_checkpoint_args(parser)
-    parser.add_argument("--out", required=True, help="folder to write image_encoder.onnx, text_encoder.onnx into")
+    parser.add_argument("--out", required=True, type=out_folder,
+                        help="folder to write image_encoder.onnx, text_encoder.onnx into")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     args = parser.parse_args(argv)
     try:
