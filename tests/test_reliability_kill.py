@@ -265,3 +265,25 @@ def test_resume_on_one_rank_then_on_two(env, reference, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 5))
     assert [r["world_size"] for r in rows[STEPS:]] == [1, 1, 2, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_start_up_refusals_under_the_launcher_write_nothing(env, reference):
+    """A finished run's folder: a changed model and auto_resume=false exit 2 naming the cause, once, and write
+    nothing; train.steps below the saved step exits 0 saying so and touches no checkpoint and no log line."""
+    import shutil
+
+    run = env / "startup"
+    shutil.copytree(reference, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cases = [(["model.overrides.depth=2"], 2, "model.overrides.depth: 1 -> 2); resuming cannot load them"),
+             (["train.auto_resume=false"], 2, "and train.auto_resume is false, which would train over it"),
+             ([f"train.steps={STEPS - 2}"], 0, f"nothing to train: the run is at step {STEPS} and train.steps is {STEPS - 2}")]
+    for extra, code, said in cases:
+        proc, log = start(env, run, extra_set=extra)
+        output = finish(proc, log)
+        assert proc.returncode == code and said in output, (extra, output[-3000:])
+        assert output.count(said) == 1, (extra, output[-3000:])  # said once, by rank 0
+        after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        if code == 0:  # a run that started: config.yaml records this command's config; nothing else changes
+            after.pop(Path("config.yaml")), before.pop(Path("config.yaml"), None)
+        assert after == before, extra

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch.distributed as dist
+
 from beit3.comm import get_rank
 from beit3.config import config_differences, read_yaml
 from beit3.errors import CheckpointError, ConfigError, Preempted, TrainingStopped
@@ -78,6 +80,16 @@ def check_output_dir(path: str | Path) -> None:
         raise ConfigError(f"output_dir '{out}' is not writable: {err}") from err
 
 
+def _launcher_rank() -> int:
+    """This process's rank, from the process group or, before it exists, from the launcher's ``RANK``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def exit_code(work: Callable[[], object]) -> int:
     """Run a training or evaluation tool's ``work`` and map how it ended to the exit code, with one line on stderr:
     0 done; 2 a configuration the user can fix (:class:`ConfigError`); 3 a run that stopped on purpose
@@ -96,7 +108,9 @@ def exit_code(work: Callable[[], object]) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # the checks are the same on every rank (often before the process group exists): said once, by rank 0
+        if _launcher_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         # raised on every rank at the same step, and the engine has already printed why on rank 0: say it once
