@@ -1,7 +1,10 @@
-"""Loading throughput: images per second for one worker doing decode + the pretraining two-view transform."""
+"""Loading throughput: one worker doing decode + the pretraining two-view transform (``measure_loading``), and the
+whole pipeline end to end on web-size photographs against the torchvision ImageNet loader
+(``benchmark_data_pipeline``, ``tools/benchmark_data.py``)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import time
@@ -36,6 +39,128 @@ def measure_loading(root: str | Path, image_source: str = "imagenet.train.index.
         "image_size": image_size, "tokenizer_image_size": tokenizer_image_size, "root": str(root),
         "image_source": image_source, "machine": platform.processor() or platform.machine(),
     }
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: read -> decode -> two-view transform -> collated batch out of the DataLoader, on web-size photographs
+
+WEB_SIZES = ((500, 375), (640, 480), (375, 500))  # COCO / ImageNet-like JPEG sizes (width, height)
+
+
+def make_web_photos(out: str | Path, num_images: int = 256, seed: int = 0, quality: int = 90) -> dict:
+    """``num_images`` JPEGs at web sizes, random crops of the photographs scikit-image / scikit-learn ship, written
+    three ways: ``images/<photo>/NNNNNN.jpg`` (a class-folder tree, which torchvision's ``ImageFolder`` reads too),
+    ``images.jsonl`` (a BEiT-3 index of the same files) and ``shards/0000{0,1}.tar`` (WebDataset, jpg + txt)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from beit3.demo.photos import PHOTOS, random_crop
+
+    out = Path(out)
+    rng = random.Random(seed)
+    photos = {name: Image.fromarray(np.asarray(load())).convert("RGB") for name, load in PHOTOS.items()}
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    rows, total_bytes = [], 0
+    writers = [wds.TarWriter(str(out / "shards" / f"{k:05d}.tar")) for k in range(2)]
+    try:
+        for i in range(num_images):
+            name = rng.choice(sorted(photos))
+            width, height = WEB_SIZES[i % len(WEB_SIZES)]
+            buffer = io.BytesIO()
+            random_crop(photos[name], width, height, rng).save(buffer, "JPEG", quality=quality)
+            data = buffer.getvalue()
+            relative = f"images/{name}/{i:06d}.jpg"
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            (out / relative).write_bytes(data)
+            rows.append({"image_path": relative})
+            writers[i % 2].write({"__key__": f"{i:06d}", "jpg": data, "txt": f"a photo of a {name}"})
+            total_bytes += len(data)
+    finally:
+        for writer in writers:
+            writer.close()
+    (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": str(out), "num_images": num_images, "sizes": [list(s) for s in WEB_SIZES],
+            "mean_jpeg_kb": total_bytes / num_images / 1024, "quality": quality}
+
+
+def _timed_batches(loader, batches: int, batch_size: int) -> dict:
+    """Images/s over ``batches`` batches after the first (which includes the workers' start-up)."""
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": batches * batch_size / seconds, "seconds": seconds, "batches": batches}
+
+
+def measure_pipeline(root: str | Path, source: str, workers: int, batch_size: int = 32, batches: int = 8,
+                     image_size: int = 224, tokenizer_image_size: int = 224) -> dict:
+    """The pretraining image stream as training runs it (``PretrainStepDataset`` + ``PretrainBatches``: sources,
+    two-view transform, collation, DataLoader workers), images/s in all and per worker."""
+    from beit3.data.pretrain import PretrainBatches, PretrainStepDataset, _Stream
+
+    stream = _Stream("image", open_image_source(source, Path(root)), batch_size, seed=0, max_replacements=3)
+    dataset = PretrainStepDataset([stream], TwoViewTransform(image_size, tokenizer_image_size), tokenizer=None,
+                                  max_text_len=0, rank=0, world_size=1)
+    batches_iter = PretrainBatches(dataset, workers, prefetch_factor=2, max_skip_fraction=1.0,
+                                   skip_check_min_samples=10**9)
+    result = _timed_batches(batches_iter, batches, batch_size)
+    return {**result, "loader": "beit3 two-view", "source": source, "workers": workers,
+            "images_per_s_per_worker": result["images_per_s"] / max(workers, 1)}
+
+
+def measure_torchvision_baseline(root: str | Path, workers: int, batch_size: int = 32, batches: int = 8,
+                                 image_size: int = 224) -> dict:
+    """The plain torchvision ImageNet training loader on the same files: ``ImageFolder`` + ``RandomResizedCrop`` +
+    flip + ``ToTensor`` + ``Normalize``, one view."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406),
+                                                                                (0.229, 0.224, 0.225))])
+    dataset = datasets.ImageFolder(str(Path(root) / "images"), transform=transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                        **({"prefetch_factor": 2} if workers else {}))
+    result = _timed_batches(_endless(loader), batches, batch_size)
+    return {**result, "loader": "torchvision ImageFolder one view", "source": "images/", "workers": workers,
+            "images_per_s_per_worker": result["images_per_s"] / max(workers, 1)}
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def benchmark_data_pipeline(photos_dir: str | Path, workers: tuple[int, ...] = (1, 2), num_images: int = 256,
+                            batch_size: int = 32, batches: int = 8, image_size: int = 224,
+                            out_json: str | Path | None = None) -> dict:
+    """Every source kind (folder, JSONL index, WebDataset shards) and the torchvision baseline at each worker count,
+    on the same web-size photographs (made in ``photos_dir`` if it holds none)."""
+    photos_dir = Path(photos_dir)
+    made = (make_web_photos(photos_dir, num_images) if not (photos_dir / "images.jsonl").is_file()
+            else {"root": str(photos_dir), "num_images": sum(1 for _ in (photos_dir / "images.jsonl").open())})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        for n in workers:
+            for source in ("images", "images.jsonl", "shards/{00000..00001}.tar"):
+                rows.append(measure_pipeline(photos_dir, source, n, batch_size, batches, image_size, image_size))
+            rows.append(measure_torchvision_baseline(photos_dir, n, batch_size, batches, image_size))
+    finally:
+        torch.set_num_threads(threads)
+    result = {"photos": made, "image_size": image_size, "tokenizer_image_size": image_size, "batch_size": batch_size,
+              "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "results": rows}
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")

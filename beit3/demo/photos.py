@@ -52,7 +52,7 @@ def _article(noun: str) -> str:
     return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
-def _crop(photo: Image.Image, width: int, height: int, rng: random.Random) -> Image.Image:
+def random_crop(photo: Image.Image, width: int, height: int, rng: random.Random) -> Image.Image:
     """A random crop of ``photo`` with the aspect of ``width x height`` (35-100% of the largest such crop)."""
     aspect = width / height
     max_w = min(photo.width, photo.height * aspect)
@@ -95,7 +95,7 @@ def make_photo_release(out: str | Path, num_images: int = 600, image_size: int =
             canvas = Image.new("RGB", (image_size, image_size))
             width = image_size // len(shown)
             for k, noun in enumerate(shown):
-                canvas.paste(_crop(photos[noun], width, image_size, rng), (k * width, 0))
+                canvas.paste(random_crop(photos[noun], width, image_size, rng), (k * width, 0))
             name = f"COCO_{folder}_{cocoid:012d}.jpg"
             canvas.save(out / folder / name, format="JPEG", quality=90)
             caps = _captions(shown, rng)
