@@ -128,6 +128,26 @@ def test_two_view_transform_shares_geometry_and_ranges():
     assert small.shape == (3, 12, 12)
 
 
+
+def test_two_view_transform_equals_the_two_separate_crops_it_replaced():
+    """Equal view sizes compute the crop once: bit-identical to resizing the same crop twice (the old path)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    from beit3.data.transforms import color_jitter
+
+    image = Image.fromarray((torch.rand(50, 70, 3).numpy() * 255).astype("uint8"))
+    transform = TwoViewTransform(32, 32, min_crop_scale=0.2, color_jitter_strength=0.4)
+    for seed in range(5):
+        rng = random.Random(seed)
+        jittered = color_jitter(image, 0.4, rng)
+        if rng.random() < 0.5:
+            jittered = TF.hflip(jittered)
+        top, left, h, w = sample_crop_box(jittered.width, jittered.height, rng, (0.2, 1.0))
+        crops = [TF.to_tensor(TF.resized_crop(jittered, top, left, h, w, [32, 32], InterpolationMode.BICUBIC))
+                 for _ in range(2)]
+        model_view, tok_view = transform(image, random.Random(seed))
+        assert torch.equal(tok_view, crops[1]) and torch.equal(model_view, transform.normalize(crops[0]))
+
 def test_crop_box_and_finetune_transforms():
     rng = random.Random(0)
     for _ in range(50):
