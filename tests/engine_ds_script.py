@@ -5,6 +5,7 @@ from _engine_toy import CrashAfter, StateDump, ToyBatches, ToyRunConfig, make_mo
 
 from beit3.config import load_config, to_dict
 from beit3.engine import add_common_args, get_rank, init_distributed, train
+from beit3.engine.dist import exit_process
 
 
 def main():
@@ -23,3 +24,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -3,9 +3,8 @@
     deepspeed [--hostfile HOSTFILE] tools/pretrain.py --config configs/pretrain/base.yaml [--set key=value ...]
     python tools/pretrain.py --config configs/pretrain/demo.yaml --set data.root=DIR --set tokenizer.path=TOK
 """
-import sys
-
+from beit3.engine.dist import exit_process
 from beit3.cli.pretrain import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

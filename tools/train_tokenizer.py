@@ -5,9 +5,8 @@
 Writes OUT/log.jsonl, OUT/tokenizer/ (load with tokenizer.load_tokenizer(OUT)), OUT/tokenizer_eval.json and
 OUT/codebook_usage.png.
 """
-import sys
-
+from beit3.engine.dist import exit_process
 from beit3.cli.train_tokenizer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
