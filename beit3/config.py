@@ -231,8 +231,9 @@ def _override_at_fault(cls: type, from_file: dict, overrides: list[str], err: Co
         if str(file_err) == str(err):
             return ""
     message = str(err)
-    named = [item for item in overrides
-             if f"'{item.split('=', 1)[0].strip()}'" in message or f"'{item.split('=', 1)[0].strip().split('.')[-1]}'" in message]
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    named = [item for item, key in zip(overrides, keys)
+             if f"'{key}'" in message or f"'{key.split('.')[-1]}'" in message]
     return " ".join(named or overrides)
 
 

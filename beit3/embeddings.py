@@ -14,14 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .config import from_dict
 from .errors import CheckpointError
-from .factory import create_model_and_transforms, get_tokenizer
+from .factory import attach_processor
 from .hub import resolve_pretrained
 from .jsonl import read_jsonl
-from .models import BEiT3Config, BEiT3ForRetrieval, load_checkpoint
-from .models.checkpoint import CONFIG_FILE, TEXT_TOKENIZER_FILE
-from .models.tasks.zero_shot import require_contrastive_heads
+from .models import BEiT3ForRetrieval, create_model, load_checkpoint
+from .models.checkpoint import CONFIG_FILE, read_saved_config, saved_backbone_config
+from .models.tasks.zero_shot import batch_slices, require_contrastive_heads
 from .processing import BEiT3Processor
 
 PathLike = Union[str, os.PathLike]
@@ -38,22 +37,17 @@ def load_dual_encoder(checkpoint: PathLike, model_name: Optional[str] = None, to
     outputs, which every checkpoint has."""
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got '{features}'")
+    source = resolve_pretrained(checkpoint)
     if model_name is not None:
-        model, _, _ = create_model_and_transforms(model_name, tokenizer=tokenizer, max_text_len=max_text_len)
+        model = create_model(model_name)
         if not isinstance(model, BEiT3ForRetrieval):
             raise ValueError(f"model '{model_name}' is a {type(model).__name__}; name a *_retrieval model")
-        source = resolve_pretrained(checkpoint)
     else:
-        source = resolve_pretrained(checkpoint)
         if not (source / CONFIG_FILE).is_file():
             raise CheckpointError(f"'{checkpoint}' is not a model folder (no {CONFIG_FILE}); for an official .pth "
                                   "pass its model name too (e.g. --model beit3_base_patch16_384_retrieval)")
-        meta = json.loads((source / CONFIG_FILE).read_text())
-        config = from_dict(BEiT3Config, meta.get("beit3_config", meta.get("config", {})), prefix="beit3_config")
-        model = BEiT3ForRetrieval(config)
-        if tokenizer is None and (source / TEXT_TOKENIZER_FILE).is_file():
-            tokenizer = source / TEXT_TOKENIZER_FILE
-        model.processor = BEiT3Processor(get_tokenizer(tokenizer) if tokenizer else None, config.img_size, max_text_len)
+        model = BEiT3ForRetrieval(saved_backbone_config(read_saved_config(source)))
+    attach_processor(model, source if source.is_dir() else None, tokenizer, max_text_len)
     report = load_checkpoint(model, source)
     if features == "embedding":
         require_contrastive_heads(model, report, str(checkpoint))
@@ -73,12 +67,6 @@ def _encoders(model: BEiT3ForRetrieval) -> tuple[Callable, Callable]:
         return F.normalize(model.beit3(textual_tokens=ids, text_padding_position=pad)["encoder_out"][:, 0], dim=-1)
 
     return image_cls, text_cls
-
-
-def _batches(count: int, batch_size: int):
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return (slice(start, start + batch_size) for start in range(0, count, batch_size))
 
 
 def list_image_inputs(images: PathLike) -> tuple[Path, list[str]]:
@@ -122,8 +110,8 @@ def zero_shot_retrieval(model: BEiT3ForRetrieval, image_dir: PathLike, text_file
     if not kept:
         raise ValueError(f"none of the {len(paths)} images in '{image_dir}' could be read: {skipped[0]['reason']}")
     device = model.logit_scale.device
-    image_feats = torch.cat([encode_image(torch.stack(loaded[s]).to(device)) for s in _batches(len(kept), batch_size)])
-    text_feats = torch.cat([encode_text(texts[s]) for s in _batches(len(texts), batch_size)])
+    image_feats = torch.cat([encode_image(torch.stack(loaded[s]).to(device)) for s in batch_slices(len(kept), batch_size)])
+    text_feats = torch.cat([encode_text(texts[s]) for s in batch_slices(len(texts), batch_size)])
     scores = image_feats @ text_feats.T
     return {
         "images": [paths[i] for i in kept],
@@ -175,7 +163,7 @@ def extract_features(model: BEiT3ForRetrieval, out: PathLike, images: Optional[P
         report["texts"] = read_text_lines(texts)
         jobs.append(("text", report["texts"]))
     for kind, items in jobs:
-        chunks = list(_batches(len(items), chunk_size))
+        chunks = list(batch_slices(len(items), chunk_size))
         features, kept_all = [], []
         bar = tqdm(total=len(items), desc=f"{kind}s", unit=kind, disable=not progress, file=sys.stderr)
         for number, chunk in enumerate(chunks):
@@ -192,10 +180,10 @@ def extract_features(model: BEiT3ForRetrieval, out: PathLike, images: Optional[P
                     continue
             if kind == "image":
                 kept, loaded, skipped = _load_images(root, items[chunk], processor)
-                feats = [encode_image(torch.stack(loaded[s]).to(device)) for s in _batches(len(loaded), batch_size)]
+                feats = [encode_image(torch.stack(loaded[s]).to(device)) for s in batch_slices(len(loaded), batch_size)]
             else:
                 kept, skipped = list(range(len(items[chunk]))), []
-                feats = [encode_text(items[chunk][s]) for s in _batches(len(kept), batch_size)]
+                feats = [encode_text(items[chunk][s]) for s in batch_slices(len(kept), batch_size)]
             feat = torch.cat(feats).float().cpu() if feats else torch.zeros(0, model.config.embed_dim)
             index = torch.tensor(kept, dtype=torch.long) + chunk.start
             part.with_suffix(".json").write_text(json.dumps({"items": expected, "skipped": skipped}))

@@ -40,6 +40,23 @@ def _is_model_folder(name: PathLike) -> bool:
     return (Path(name).expanduser() / CONFIG_FILE).is_file() or is_repo_id(str(name))
 
 
+def attach_processor(model: nn.Module, folder: Optional[Path] = None,
+                     tokenizer: Optional[Union[PathLike, TextTokenizer]] = None, max_text_len: int = 64) -> Callable:
+    """Set ``model.processor`` (eval transform of the model's size; text tokenizer ``tokenizer``, else ``beit3.spm``
+    in ``folder``, else none) and return its eval transform. A tokenizer with ids past the model's vocabulary is a
+    CheckpointError: it is not the one the model was trained with."""
+    if tokenizer is None and folder is not None and (folder / TEXT_TOKENIZER_FILE).is_file():
+        tokenizer = folder / TEXT_TOKENIZER_FILE
+    if tokenizer is not None and not isinstance(tokenizer, TextTokenizer):
+        tokenizer = get_tokenizer(tokenizer)
+    if tokenizer is not None and tokenizer.mask_id >= model.config.vocab_size:
+        raise CheckpointError(f"text tokenizer '{tokenizer.spm_path}' has ids up to {tokenizer.mask_id} (<mask>) but the "
+                              f"model's vocabulary is {model.config.vocab_size}: not the tokenizer it was trained with")
+    eval_transform = build_finetune_transform(model.config.img_size, train=False)
+    model.processor = BEiT3Processor(tokenizer, model.config.img_size, max_text_len, eval_transform)
+    return eval_transform
+
+
 def create_model_and_transforms(
     model_name: PathLike,
     pretrained: Optional[PathLike] = None,
@@ -63,18 +80,8 @@ def create_model_and_transforms(
     else:
         model = create_model(str(model_name), **overrides)
         if pretrained is not None:
-            report = load_checkpoint(model, resolve_pretrained(pretrained))
-            require_contrastive_heads(model, report, str(pretrained))
-            candidate = resolve_pretrained(pretrained)
-            folder = candidate if candidate.is_dir() else candidate.parent
-    if tokenizer is None and folder is not None and (folder / TEXT_TOKENIZER_FILE).is_file():
-        tokenizer = folder / TEXT_TOKENIZER_FILE
-    if tokenizer is not None and not isinstance(tokenizer, TextTokenizer):
-        tokenizer = get_tokenizer(tokenizer)
-    size = model.config.img_size
-    eval_transform = build_finetune_transform(size, train=False)
-    if tokenizer is not None and tokenizer.mask_id >= model.config.vocab_size:
-        raise CheckpointError(f"text tokenizer '{tokenizer.spm_path}' has ids up to {tokenizer.mask_id} (<mask>) but the "
-                              f"model's vocabulary is {model.config.vocab_size}: not the tokenizer it was trained with")
-    model.processor = BEiT3Processor(tokenizer, size, max_text_len, eval_transform)
-    return model.eval(), build_finetune_transform(size, train=True), eval_transform
+            source = resolve_pretrained(pretrained)
+            require_contrastive_heads(model, load_checkpoint(model, source), str(pretrained))
+            folder = source if source.is_dir() else source.parent
+    eval_transform = attach_processor(model, folder, tokenizer, max_text_len)
+    return model.eval(), build_finetune_transform(model.config.img_size, train=True), eval_transform

@@ -30,7 +30,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .config import from_dict, to_dict
+from .config import to_dict
+from .factory import attach_processor
 from .hub import resolve_pretrained
 from .models import (
     BEiT3,
@@ -45,9 +46,8 @@ from .models import (
     load_checkpoint,
     read_state_dict,
 )
-from .models.checkpoint import HF_MODEL_TYPE, TEXT_TOKENIZER_FILE, save_pretrained, saved_model_class
-from .processing import BEiT3Processor
-from .text import TextTokenizer
+from .models.checkpoint import (HF_MODEL_TYPE, TEXT_TOKENIZER_FILE, save_pretrained, saved_backbone_config,
+                                saved_model_class)
 
 # keyword arguments of transformers' from_pretrained that concern fetching, not the model
 _HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "proxies", "subfolder", "trust_remote_code",
@@ -66,11 +66,12 @@ class BEiT3HFConfig(PretrainedConfig):
         legacy = kwargs.pop("config", None)  # folders written before beit3_config had the key "config"
         super().__init__(**kwargs)
         self.model_class = model_class
-        self.beit3_config = to_dict(from_dict(BEiT3Config, dict(beit3_config or legacy or {}), prefix="beit3_config"))
+        saved = {"config": legacy} if beit3_config is None and legacy is not None else {"beit3_config": beit3_config or {}}
+        self.beit3_config = to_dict(saved_backbone_config(saved))
         self.init_kwargs = dict(init_kwargs or {})
 
     def to_beit3_config(self) -> BEiT3Config:
-        return from_dict(BEiT3Config, self.beit3_config, prefix="beit3_config")
+        return saved_backbone_config({"beit3_config": self.beit3_config})
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "BEiT3HFConfig":
@@ -141,8 +142,7 @@ class BEiT3PreTrainedModel(PreTrainedModel):
             model = cls.wrapped_class(hf_config.to_beit3_config(), **kwargs)
             load_checkpoint(model, read_state_dict(directory))
         if (directory / TEXT_TOKENIZER_FILE).is_file() and isinstance(model, BEiT3ForRetrieval):
-            model.processor = BEiT3Processor(TextTokenizer.from_file(directory / TEXT_TOKENIZER_FILE),
-                                             model.config.img_size)
+            attach_processor(model, directory)
         return cls(BEiT3HFConfig.from_model(model), model=model)
 
     def save_pretrained(self, save_directory, text_tokenizer=None, **kwargs) -> None:

@@ -45,8 +45,7 @@ class BEiT3Processor:
             texts = [texts]
         if not len(texts) or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a string or a non-empty list of strings")
-        ids = [self.tokenizer.encode(t)[: self.max_text_len - 2] for t in texts]
-        return self.tokenizer.pad_ids(ids, max(len(i) for i in ids) + 2)
+        return self.tokenizer.encode_padded(texts, self.max_text_len)
 
     def __call__(self, images=None, text=None) -> dict[str, torch.Tensor]:
         if images is None and text is None:

@@ -117,6 +117,14 @@ class TextTokenizer:
             padding_mask[i, : len(row)] = False
         return tokens, padding_mask
 
+    def encode_padded(self, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and wrap ``texts`` (each cut to ``max_len`` tokens with the specials) and pad them to the longest;
+        see :meth:`pad_ids`."""
+        ids = [self.encode(t) for t in texts]
+        if max_len is not None:
+            ids = [i[: max_len - 2] for i in ids]
+        return self.pad_ids(ids, max(map(len, ids)) + 2)
+
     def batch_encode(self, texts: Iterable[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode, truncate, wrap and pad ``texts``; see :meth:`pad_ids`."""
         return self.pad_ids([self.encode(t) for t in texts], max_len)

@@ -285,6 +285,7 @@ def test_zero_shot_retrieval_and_classification(inputs):
     class StandIn:  # a stand-in text tokenizer: one id per word, wrapped <s> ... </s> by TextTokenizer.pad_ids
         bos_id, pad_id, eos_id = 0, 1, 2
         pad_ids = TextTokenizer.pad_ids
+        encode_padded = TextTokenizer.encode_padded
 
         @staticmethod
         def encode(sentence):

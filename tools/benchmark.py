@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from beit3.bench.common import ALL_CASES, SUITES, BenchConfig  # noqa: E402
-from beit3.bench.run import format_table, run, write_json  # noqa: E402
+from beit3.bench.common import ALL_CASES, SUITES, BenchConfig, write_json  # noqa: E402
+from beit3.bench.run import format_table, run  # noqa: E402
 from beit3.cli.commands import out_file
 
 

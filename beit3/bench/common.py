@@ -4,6 +4,7 @@ and memory probes, synthetic inputs and the backbone step (used by :mod:`beit3.b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import resource
@@ -11,6 +12,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -228,3 +230,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def write_json(results: dict, path) -> None:
+    """``results`` as indented JSON at ``path`` (its folder created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from beit3.bench.common import write_json
 from beit3.data.sources import open_image_source
 from beit3.data.transforms import TwoViewTransform
 
@@ -40,8 +41,7 @@ def measure_loading(root: str | Path, image_source: str = "imagenet.train.index.
         "image_source": image_source, "machine": platform.processor() or platform.machine(),
     }
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, out_json)
     return result
 
 
@@ -90,15 +90,18 @@ def make_web_photos(out: str | Path, num_images: int = 256, seed: int = 0, quali
             "mean_jpeg_kb": total_bytes / num_images / 1024, "quality": quality}
 
 
-def _timed_batches(loader, batches: int, batch_size: int) -> dict:
-    """Images/s over ``batches`` batches after the first (which includes the workers' start-up)."""
+def _timed_batches(loader, batches: int, batch_size: int, workers: int) -> dict:
+    """Images/s (in all and per worker) over ``batches`` batches after the first (which includes the workers'
+    start-up)."""
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
         next(iterator)
     seconds = time.perf_counter() - start
-    return {"images_per_s": batches * batch_size / seconds, "seconds": seconds, "batches": batches}
+    rate = batches * batch_size / seconds
+    return {"images_per_s": rate, "images_per_s_per_worker": rate / max(workers, 1), "workers": workers,
+            "seconds": seconds, "batches": batches}
 
 
 def measure_pipeline(root: str | Path, source: str, workers: int, batch_size: int = 32, batches: int = 8,
@@ -112,9 +115,7 @@ def measure_pipeline(root: str | Path, source: str, workers: int, batch_size: in
                                   max_text_len=0, rank=0, world_size=1)
     batches_iter = PretrainBatches(dataset, workers, prefetch_factor=2, max_skip_fraction=1.0,
                                    skip_check_min_samples=10**9)
-    result = _timed_batches(batches_iter, batches, batch_size)
-    return {**result, "loader": "beit3 two-view", "source": source, "workers": workers,
-            "images_per_s_per_worker": result["images_per_s"] / max(workers, 1)}
+    return {**_timed_batches(batches_iter, batches, batch_size, workers), "loader": "beit3 two-view", "source": source}
 
 
 def measure_torchvision_baseline(root: str | Path, workers: int, batch_size: int = 32, batches: int = 8,
@@ -130,9 +131,8 @@ def measure_torchvision_baseline(root: str | Path, workers: int, batch_size: int
     dataset = datasets.ImageFolder(str(Path(root) / "images"), transform=transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                         **({"prefetch_factor": 2} if workers else {}))
-    result = _timed_batches(_endless(loader), batches, batch_size)
-    return {**result, "loader": "torchvision ImageFolder one view", "source": "images/", "workers": workers,
-            "images_per_s_per_worker": result["images_per_s"] / max(workers, 1)}
+    return {**_timed_batches(_endless(loader), batches, batch_size, workers),
+            "loader": "torchvision ImageFolder one view", "source": "images/"}
 
 
 def _endless(loader):
@@ -162,6 +162,5 @@ def benchmark_data_pipeline(photos_dir: str | Path, workers: tuple[int, ...] = (
               "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "results": rows}
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, out_json)
     return result

@@ -23,7 +23,6 @@ except ``pretrain_deepspeed`` (whose FLOPs still count the model only).
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict
 from typing import Callable
@@ -232,8 +231,3 @@ def format_table(results: dict) -> str:
     lines.append(f"- peak: {results['peak_flops'] / 1e12:.3f} TFLOP/s ({results['peak_source']})")
     return "\n\n".join(lines)
 
-
-def write_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")

@@ -27,6 +27,7 @@ from beit3.finetune.data import require_keys
 from beit3.finetune.evaluation import BEST_DIR, BEST_METRICS_FILE
 from beit3.models import CheckpointError, create_model, from_pretrained, load_checkpoint, model_config, read_state_dict
 from beit3.models.checkpoint import CONFIG_FILE as MODEL_CONFIG_FILE, saved_model_class
+from beit3.models.registry import registered_class
 from beit3.models.tasks.zero_shot import require_contrastive_heads
 from beit3.text import TextTokenizer
 
@@ -280,10 +281,11 @@ def _load_for_eval(cfg: FinetuneConfig, checkpoint: Path, tokenizer: TextTokeniz
     is refused (for retrieval, trained contrastive heads make it zero-shot evaluation)."""
     if (checkpoint / BEST_DIR / MODEL_CONFIG_FILE).is_file():
         checkpoint = checkpoint / BEST_DIR
+    task_class = registered_class(cfg.model.name or TASKS[cfg.task].default_model)
+    if (checkpoint / MODEL_CONFIG_FILE).is_file() and saved_model_class(checkpoint) == getattr(task_class, "__name__", None):
+        return from_pretrained(checkpoint)
     with_init = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(checkpoint)))
     model = build_model(with_init, tokenizer, _read_items(cfg, "train"))
-    if (checkpoint / MODEL_CONFIG_FILE).is_file() and saved_model_class(checkpoint) == type(model).__name__:
-        return from_pretrained(checkpoint)
     report = model.init_report
     try:
         require_contrastive_heads(model, report, str(checkpoint))

@@ -261,31 +261,43 @@ Images: RGB, bicubic resize to {cfg['img_size']} x {cfg['img_size']}, normalised
 """
 
 
-def saved_model_class(directory: PathLike) -> str:
-    """The model class name recorded in a :func:`save_pretrained` folder's ``config.json``."""
+def read_saved_config(directory: PathLike) -> dict:
+    """The ``config.json`` of a :func:`save_pretrained` folder (a CheckpointError when it is missing or unreadable)."""
     path = Path(directory) / CONFIG_FILE
     try:
-        return json.loads(path.read_text())["model_class"]
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"'{directory}' has no {CONFIG_FILE}; not a folder written by save_pretrained") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except json.JSONDecodeError as err:
         raise CheckpointError(f"'{path}' is not a beit3 model config: {err}") from err
+
+
+def saved_backbone_config(meta: Mapping, **overrides) -> BEiT3Config:
+    """The backbone :class:`BEiT3Config` of a ``config.json`` (``beit3_config``; ``config`` in folders written before
+    0.2) with ``overrides``."""
+    saved = meta["beit3_config"] if "beit3_config" in meta else meta["config"]
+    return from_dict(BEiT3Config, {**saved, **overrides}, prefix="beit3_config")
+
+
+def saved_model_class(directory: PathLike) -> str:
+    """The model class name recorded in a :func:`save_pretrained` folder's ``config.json``."""
+    meta = read_saved_config(directory)
+    try:
+        return meta["model_class"]
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"'{Path(directory) / CONFIG_FILE}' is not a beit3 model config: {err}") from err
 
 
 def from_pretrained(name_or_path: PathLike, **config_overrides) -> nn.Module:
     """Rebuild and load a model written by :func:`save_pretrained` (weights loaded strictly): a local folder or a
     Hugging Face Hub repository id (``"org/name"``, through the hub cache; ``HF_HUB_OFFLINE=1`` uses the cache only)."""
     directory = resolve_pretrained(name_or_path)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"'{directory}' has no {CONFIG_FILE}; not a directory written by save_pretrained")
+    meta = read_saved_config(directory)
     try:
-        meta = json.loads(config_path.read_text())
-        saved = meta["beit3_config"] if "beit3_config" in meta else meta["config"]  # "config": written before 0.2
-        config = from_dict(BEiT3Config, {**saved, **config_overrides}, prefix="beit3_config")
+        config = saved_backbone_config(meta, **config_overrides)
         cls = model_class(meta["model_class"])
-    except (json.JSONDecodeError, KeyError, ConfigError, ValueError) as err:
-        raise CheckpointError(f"'{config_path}' is not a valid model config: {err}") from err
+    except (KeyError, ConfigError, ValueError) as err:
+        raise CheckpointError(f"'{directory / CONFIG_FILE}' is not a valid model config: {err}") from err
     model = cls(config, **meta.get("init_kwargs", {}))
     load_checkpoint(model, read_state_dict(directory), strict=True)
     return model

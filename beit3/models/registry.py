@@ -44,6 +44,12 @@ def register_model(name: str, builder: Callable[..., nn.Module], size: str, **se
     _REGISTRY[name] = (builder, {**SIZES[size], **settings})
 
 
+def registered_class(name: str) -> type | None:
+    """The model class ``name`` builds when its builder is a class (every task model), else None (the backbones)."""
+    builder = _REGISTRY[name][0] if name in _REGISTRY else None
+    return builder if isinstance(builder, type) else None
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style pattern."""
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))

@@ -26,7 +26,8 @@ def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torc
     return ids, mask
 
 
-def _batches(count: int, batch_size: int):
+def batch_slices(count: int, batch_size: int):
+    """Slices of ``range(count)`` of ``batch_size`` items (the last may be shorter)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return (slice(start, start + batch_size) for start in range(0, count, batch_size))
@@ -41,10 +42,10 @@ def retrieval_scores(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Cosine similarity (N_images, N_texts) of the dual encoder's embeddings, computed in batches."""
-    image_feats = torch.cat([model.encode_image(images[s]) for s in _batches(images.shape[0], batch_size)])
+    image_feats = torch.cat([model.encode_image(images[s]) for s in batch_slices(images.shape[0], batch_size)])
     text_feats = torch.cat([
         model.encode_text(texts[s], None if padding_mask is None else padding_mask[s])
-        for s in _batches(texts.shape[0], batch_size)
+        for s in batch_slices(texts.shape[0], batch_size)
     ])
     return image_feats @ text_feats.T
 
@@ -68,8 +69,7 @@ def zero_shot_classifier(
     for name in class_names:
         prompts = [t.format(name) for t in templates]
         if tokenizer is not None:
-            encoded = [tokenizer.encode(p) for p in prompts]
-            ids, mask = tokenizer.pad_ids(encoded, max(map(len, encoded)) + 2)
+            ids, mask = tokenizer.encode_padded(prompts)
             weights.append(model.encode_text(ids.to(device), mask.to(device)).mean(dim=0))
         else:
             weights.append(model.encode_text(prompts).mean(dim=0))
