@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from .data.transforms import device_views
+
 
 @dataclass
 class MaskingConfig:
@@ -118,8 +120,10 @@ def mask_text(
 class PretrainInputs:
     """Masks the data layer's step batches and attaches targets; resumable like the batches it wraps.
 
-    ``codes_fn`` maps tokenizer-view images in [0, 1] to visual-token ids [B, N]; a stream that already carries
-    ``codes`` (precomputed by ``tools/tokenize_dataset.py``) skips it. Masks are drawn from a generator seeded by
+    The loader's uint8 views are made into jittered float inputs on ``device`` first (``device_views``), so the
+    copy, the colour jitter and the normalisation run there, not in the loader's workers. ``codes_fn`` maps
+    tokenizer-view images in [0, 1] to visual-token ids [B, N]; a stream that already carries ``codes``
+    (precomputed by ``tools/tokenize_dataset.py``) skips it. Masks are drawn from a generator seeded by
     (seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
     """
 
@@ -134,8 +138,10 @@ class PretrainInputs:
         codes_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         seed: int = 0,
         rank: int = 0,
+        device: torch.device | str = "cpu",
     ):
         self.batches = batches
+        self.device = torch.device(device)
         self.masking = masking
         self.block_masks = BlockMaskGenerator(*patch_grid, masking.image_mask_ratio, masking.min_block_patches, masking.max_block_aspect)
         self.mask_token_id = mask_token_id
@@ -175,7 +181,7 @@ class PretrainInputs:
         self.step += 1
         out = {}
         for stream, b in batch.items():
-            b = dict(b)
+            b = device_views(b, self.device)
             if "image" in b:
                 b["image_mask"] = self.block_masks.batch(b["image"].shape[0], rng)
                 if "codes" not in b:

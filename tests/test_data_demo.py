@@ -131,13 +131,14 @@ def test_text_tokenizer_keeps_words_whole(demo_root):
 def test_data_pipeline_benchmark_covers_every_source_and_the_torchvision_baseline(tmp_path):
     from beit3.bench.data_loading import benchmark_data_pipeline
     result = benchmark_data_pipeline(tmp_path / "photos", workers=(0,), num_images=12, batch_size=4, batches=1,
-                                     image_size=32, out_json=tmp_path / "d.json")
+                                     image_size=32, repeats=2, out_json=tmp_path / "d.json")
     import json
     from PIL import Image
     assert json.loads((tmp_path / "d.json").read_text())["results"] == result["results"]
-    sources = [(r["loader"], r["source"]) for r in result["results"]]
-    assert sources == [("beit3 two-view", "images"), ("beit3 two-view", "images.jsonl"),
-                       ("beit3 two-view", "shards/{00000..00001}.tar"), ("torchvision ImageFolder one view", "images/")]
-    assert all(r["images_per_s"] > 0 for r in result["results"])
+    sources = [(r["loader"], r["source"], r.get("views_in_process")) for r in result["results"]]
+    assert sources == [("beit3 two-view", "images", False), ("beit3 two-view", "images.jsonl", False),
+                       ("beit3 two-view", "shards/{00000..00001}.tar", False), ("beit3 two-view", "images.jsonl", True),
+                       ("torchvision ImageFolder one view", "images/", None)]
+    assert all(r["images_per_s"] > 0 and len(r["runs_images_per_s_per_worker"]) == 2 for r in result["results"])
     sizes = {Image.open(p).size for p in (tmp_path / "photos" / "images").rglob("*.jpg")}
     assert sizes == {(500, 375), (640, 480), (375, 500)}

@@ -39,8 +39,12 @@ def tok(demo_root):
 def test_batch_contract(demo_root, tok, pair_source):
     batch = _take(build_pretrain_batches(_cfg(demo_root, pair_source=pair_source), tok), 1)[0]
     assert batch["image"]["image"].shape == (3, 3, 16, 16) and batch["image"]["tokenizer_image"].shape == (3, 3, 8, 8)
-    assert 0 <= batch["pair"]["tokenizer_image"].min() and batch["pair"]["tokenizer_image"].max() <= 1
-    assert batch["pair"]["image"].min() < 0  # normalised with mean 0.5 / std 0.5
+    for stream in ("image", "pair"):  # uint8 out of the loader; floats are made on the device (model_input)
+        assert batch[stream]["image"].dtype == batch[stream]["tokenizer_image"].dtype == torch.uint8
+    same_cfg = _cfg(demo_root, pair_source=pair_source, tokenizer_image_size=16)
+    same_size = _take(build_pretrain_batches(same_cfg, tok), 1)[0]
+    assert "tokenizer_image" not in same_size["pair"]  # one view serves model and tokenizer
+    assert torch.equal(same_size["pair"]["image"], batch["pair"]["image"])
     for stream in ("text", "pair"):
         tokens, pad = batch[stream]["text_tokens"], batch[stream]["padding_mask"]
         assert tokens.shape == pad.shape == (2, 12) and tokens.dtype == torch.long and pad.dtype == torch.bool

@@ -24,13 +24,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers (with --photos)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="timed batches per case, after one warm-up batch")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved (with --photos): the median")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--tokenizer-image-size", type=int, default=224, help="with --root")
     parser.add_argument("--out", default=None, type=out_file, help="JSON file for the result")
     args = parser.parse_args()
     if args.photos:
         result = benchmark_data_pipeline(args.photos, tuple(args.workers), args.num_images, args.batch_size,
-                                         args.batches, args.image_size, args.out)
+                                         args.batches, args.image_size, args.repeats, args.out)
     else:
         result = measure_loading(args.root, args.image_source, args.num_images, args.image_size,
                                  args.tokenizer_image_size, args.out)

@@ -14,7 +14,7 @@ import torch
 
 from beit3.bench.common import write_json
 from beit3.data.sources import open_image_source
-from beit3.data.transforms import TwoViewTransform
+from beit3.data.transforms import TwoViewTransform, device_views
 
 
 def measure_loading(root: str | Path, image_source: str = "imagenet.train.index.jsonl", num_images: int = 200,
@@ -90,14 +90,16 @@ def make_web_photos(out: str | Path, num_images: int = 256, seed: int = 0, quali
             "mean_jpeg_kb": total_bytes / num_images / 1024, "quality": quality}
 
 
-def _timed_batches(loader, batches: int, batch_size: int, workers: int) -> dict:
+def _timed_batches(loader, batches: int, batch_size: int, workers: int, to_float=None) -> dict:
     """Images/s (in all and per worker) over ``batches`` batches after the first (which includes the workers'
-    start-up)."""
+    start-up); ``to_float`` is applied to each batch in this process (uint8 batches to the model's floats)."""
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
-        next(iterator)
+        batch = next(iterator)
+        if to_float is not None:
+            to_float(batch)
     seconds = time.perf_counter() - start
     rate = batches * batch_size / seconds
     return {"images_per_s": rate, "images_per_s_per_worker": rate / max(workers, 1), "workers": workers,
@@ -105,9 +107,11 @@ def _timed_batches(loader, batches: int, batch_size: int, workers: int) -> dict:
 
 
 def measure_pipeline(root: str | Path, source: str, workers: int, batch_size: int = 32, batches: int = 8,
-                     image_size: int = 224, tokenizer_image_size: int = 224) -> dict:
+                     image_size: int = 224, tokenizer_image_size: int = 224, views_in_process: bool = False) -> dict:
     """The pretraining image stream as training runs it (``PretrainStepDataset`` + ``PretrainBatches``: sources,
-    two-view transform, collation, DataLoader workers), images/s in all and per worker."""
+    two-view transform, collation, DataLoader workers), images/s in all and per worker. The batches are uint8 views
+    with jitter rows; ``views_in_process`` also runs :func:`device_views` (jitter, float views) on them here, on
+    the CPU, as a run without a GPU does."""
     from beit3.data.pretrain import PretrainBatches, PretrainStepDataset, _Stream
 
     stream = _Stream("image", open_image_source(source, Path(root)), batch_size, seed=0, max_replacements=3)
@@ -115,7 +119,9 @@ def measure_pipeline(root: str | Path, source: str, workers: int, batch_size: in
                                   max_text_len=0, rank=0, world_size=1)
     batches_iter = PretrainBatches(dataset, workers, prefetch_factor=2, max_skip_fraction=1.0,
                                    skip_check_min_samples=10**9)
-    return {**_timed_batches(batches_iter, batches, batch_size, workers), "loader": "beit3 two-view", "source": source}
+    to_float = (lambda batch: device_views(batch["image"])) if views_in_process else None
+    return {**_timed_batches(batches_iter, batches, batch_size, workers, to_float), "loader": "beit3 two-view",
+            "source": source, "views_in_process": views_in_process}
 
 
 def measure_torchvision_baseline(root: str | Path, workers: int, batch_size: int = 32, batches: int = 8,
@@ -141,25 +147,38 @@ def _endless(loader):
 
 
 def benchmark_data_pipeline(photos_dir: str | Path, workers: tuple[int, ...] = (1, 2), num_images: int = 256,
-                            batch_size: int = 32, batches: int = 8, image_size: int = 224,
+                            batch_size: int = 32, batches: int = 8, image_size: int = 224, repeats: int = 3,
                             out_json: str | Path | None = None) -> dict:
     """Every source kind (folder, JSONL index, WebDataset shards) and the torchvision baseline at each worker count,
-    on the same web-size photographs (made in ``photos_dir`` if it holds none)."""
+    on the same web-size photographs (made in ``photos_dir`` if it holds none), and the JSONL index once more with
+    the float views made in this process (jitter and normalisation on the CPU, where no GPU does it). Each case runs ``repeats`` times,
+    the cases interleaved round by round (so a change of the machine's speed hits all of them); a row is the median
+    run, with every run's images/s per worker beside it."""
     photos_dir = Path(photos_dir)
     made = (make_web_photos(photos_dir, num_images) if not (photos_dir / "images.jsonl").is_file()
             else {"root": str(photos_dir), "num_images": sum(1 for _ in (photos_dir / "images.jsonl").open())})
+    kinds = [("images", False), ("images.jsonl", False), ("shards/{00000..00001}.tar", False), ("images.jsonl", True),
+             (None, False)]  # (source, views made in this process); None: the torchvision baseline
+    cases = [(n, source, in_process) for n in workers for source, in_process in kinds]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = []
-        for n in workers:
-            for source in ("images", "images.jsonl", "shards/{00000..00001}.tar"):
-                rows.append(measure_pipeline(photos_dir, source, n, batch_size, batches, image_size, image_size))
-            rows.append(measure_torchvision_baseline(photos_dir, n, batch_size, batches, image_size))
+        runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+        for _ in range(repeats):
+            for n, source, in_process in cases:
+                runs[(n, source, in_process)].append(
+                    measure_torchvision_baseline(photos_dir, n, batch_size, batches, image_size) if source is None
+                    else measure_pipeline(photos_dir, source, n, batch_size, batches, image_size, image_size,
+                                          in_process))
     finally:
         torch.set_num_threads(threads)
+    rows = []
+    for case in cases:
+        ordered = sorted(runs[case], key=lambda r: r["images_per_s"])
+        rows.append({**ordered[len(ordered) // 2],
+                     "runs_images_per_s_per_worker": [round(r["images_per_s_per_worker"], 1) for r in runs[case]]})
     result = {"photos": made, "image_size": image_size, "tokenizer_image_size": image_size, "batch_size": batch_size,
-              "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "repeats": repeats, "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "results": rows}
     if out_json is not None:
         write_json(result, out_json)

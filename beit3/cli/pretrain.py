@@ -205,6 +205,7 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         codes_fn=codes_fn,
         seed=cfg.train.seed,
         rank=rank,
+        device=_device(),
     )
     return MaskedDataModeling(model, cfg.objective), inputs
 

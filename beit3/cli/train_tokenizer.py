@@ -30,6 +30,7 @@ from tokenizer.train import (
 
 from beit3.config import ConfigError, load_config, to_dict, write_yaml
 from beit3.data.pretrain import PretrainDataConfig, build_pretrain_batches
+from beit3.data.transforms import device_views
 from beit3.engine import (OptimConfig, TrainConfig, add_common_args, barrier, build_deepspeed_config,
                      check_checkpoint_space, export_consolidated_state_dict, get_rank, get_world_size,
                      init_distributed, train)
@@ -77,7 +78,7 @@ class TokenizerTraining(nn.Module):
         return {f"objective.{name}" for name in self.objective.no_weight_decay()}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        images = batch["image"]["tokenizer_image"]
+        images = device_views(batch["image"])["tokenizer_image"]  # jittered on the device the batch is on
         loss, metrics = self.objective(images)
         return loss, {**metrics, "num_samples": torch.tensor(float(images.shape[0]))}
 

@@ -2,8 +2,8 @@
 tokenizer run on each batch (:func:`visual_codes_fn`).
 
 With ``data.codes_dir`` set, image-bearing streams skip the online tokenizer: each image gets the fixed view its
-codes were computed on (bicubic resize of the shorter side + center crop, no flip or jitter), normalised for the
-model, and its codes are looked up by ``image_path``.
+codes were computed on (bicubic resize of the shorter side + center crop, no flip or jitter), as uint8 like the
+online views, and its codes are looked up by ``image_path``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from tokenizer.precomputed import META_FILE, fixed_view, load_precomputed_codes
 
 from .readers import SkipSample
-from .transforms import BEIT3_MEAN, BEIT3_STD
+from .transforms import pil_to_uint8
 
 
 def read_codes_meta(directory: str | Path) -> dict:
@@ -39,8 +39,7 @@ class PrecomputedCodes:
         self.meta = read_codes_meta(self.directory)
         crop = int(self.meta["img_size"])
         to_model = [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC)] if image_size != crop else []
-        self.view = T.Compose(fixed_view(crop, int(self.meta["resize"])) + to_model
-                              + [T.ToTensor(), T.Normalize(BEIT3_MEAN, BEIT3_STD)])
+        self.view = T.Compose(fixed_view(crop, int(self.meta["resize"])) + to_model + [pil_to_uint8])
 
     @property
     def codebook_size(self) -> int:
@@ -51,7 +50,7 @@ class PrecomputedCodes:
         return int(self.meta["num_patches"])
 
     def __call__(self, image: Image.Image, image_path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(model view, codes LongTensor [N]) of one image; an image without codes is skipped as ``no_codes``."""
+        """(model view uint8, codes LongTensor [N]) of one image; an image without codes is skipped as ``no_codes``."""
         row = self.rows.get(image_path)
         if row is None:
             raise SkipSample("no_codes", f"'{image_path}' has no codes in '{self.directory}'")

@@ -103,9 +103,9 @@ class _Stream:
         return int(self._perm[offset])
 
     def load(self, rank: int, step: int, rank_batch: int, slot: int, skips: "_SkipCounter",
-             image_views: Callable[[dict, random.Random], tuple]) -> tuple[dict, random.Random]:
-        """The sample for a slot of global rank batch ``rank_batch`` with its image ``view`` and ``target``
-        (``image_views``), replacing unusable samples; returns it with its augmentation RNG."""
+             image_views: Callable[[dict, random.Random], dict]) -> tuple[dict, random.Random]:
+        """The sample for a slot of global rank batch ``rank_batch`` with its image's ``views`` (``image_views``),
+        replacing unusable samples; returns it with its augmentation RNG."""
         index = self.index_at(rank_batch * self.batch + slot)
         reasons = []
         for attempt in range(self.max_replacements + 1):
@@ -114,7 +114,7 @@ class _Stream:
                 sample["image_key"] = sample.get("image_path", index)
                 rng = random.Random(derive_seed(self.seed, self.code, rank, step, slot, attempt))
                 if "image" in sample:
-                    sample["view"], sample["target"] = image_views(sample, rng)
+                    sample["views"] = image_views(sample, rng)
                 return sample, rng
             except SkipSample as err:
                 skips.record(err, self.name)
@@ -144,13 +144,15 @@ class PretrainStepDataset(Dataset):
         self.schedule = RankSchedule(rank, world_size)
         self.codes = codes
 
-    def _image_views(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """(model view, tokenizer view in [0, 1]) or, with precomputed codes, (fixed model view, codes)."""
+    def _image_views(self, sample: dict, rng: random.Random) -> dict[str, torch.Tensor]:
+        """The two-view transform's uint8 views and jitter rows or, with precomputed codes, the fixed view and its
+        codes."""
         if self.codes is None:
             return self.transform(sample["image"], rng)
         if "image_path" not in sample:
             raise ValueError("data.codes_dir needs image sources with image paths (JSONL indexes or image folders)")
-        return self.codes(sample["image"], sample["image_path"])
+        view, codes = self.codes(sample["image"], sample["image_path"])
+        return {"image": view, "codes": codes}
 
     def __len__(self) -> int:
         return 2**62
@@ -158,21 +160,18 @@ class PretrainStepDataset(Dataset):
     def __getitem__(self, step: int) -> tuple[dict, dict]:
         """The step's batch and the skipped samples' reasons: ``{reason: count}`` and the first few as text."""
         batch, skips = {}, _SkipCounter()
-        target = "tokenizer_image" if self.codes is None else "codes"
         rank_batch = self.schedule.batch_index(step)
         for stream in self.streams:
-            images, targets, texts, keys = [], [], [], []
+            views, texts, keys = [], [], []
             for slot in range(stream.batch):
                 sample, rng = stream.load(self.rank, step, rank_batch, slot, skips, self._image_views)
-                if "view" in sample:
-                    images.append(sample["view"])
-                    targets.append(sample["target"])
+                if "views" in sample:
+                    views.append(sample["views"])
                     keys.append(zlib.crc32(str(sample["image_key"]).encode()))
                 if "text_ids" in sample:
                     texts.append(sample["text_ids"])
-            out = {}
-            if images:
-                out["image"], out[target] = torch.stack(images), torch.stack(targets)
+            out = {key: torch.stack([v[key] for v in views]) for key in (views[0] if views else ())}
+            if views:
                 out["image_id"] = torch.tensor(keys, dtype=torch.long)  # equal for two captions of one image
             if texts:
                 out["text_tokens"], out["padding_mask"] = self.tokenizer.pad_ids(texts, self.max_text_len)
@@ -279,7 +278,8 @@ class PretrainBatches:
     def __iter__(self) -> Iterator[dict]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, sampler=StepsFrom(self.next_step),
-                            num_workers=self.num_workers, worker_init_fn=ignore_stop_signals, **extra)
+                            num_workers=self.num_workers, worker_init_fn=ignore_stop_signals,
+                            pin_memory=torch.cuda.is_available(), **extra)  # pinned: the copy to the GPU overlaps
         # made now, not at the first batch: the loader draws its base seed from the global RNG, and the engine
         # creates the iterator before it restores a resumed run's RNG state
         return self._counted(iter(loader))
