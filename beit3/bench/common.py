@@ -206,8 +206,16 @@ def configure_model(model: torch.nn.Module, bench: BenchConfig) -> None:
         raise ValueError(f"checkpointing must be none, all or every_k; got '{bench.checkpointing}'")
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` with data-dependent shapes traced rather than split off: the masked positions a
+    pretraining step selects and their counts would otherwise each break the graph (tests/test_gpu.py)."""
+    torch._dynamo.config.capture_scalar_outputs = True
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model)
+
+
 def maybe_compile(model: torch.nn.Module, bench: BenchConfig) -> torch.nn.Module:
-    return torch.compile(model) if bench.compile else model
+    return compile_model(model) if bench.compile else model
 
 
 def environment(device: torch.device) -> dict:

@@ -308,7 +308,8 @@ def attention_bias(
         if blocked.dim() == 3:
             blocked = blocked.unsqueeze(1)
         bias = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, ATTN_MASK_BLOCKED)
-    if key_padding_mask is not None and key_padding_mask.any():
+    # eager: no bias when nothing is padded (SDPA keeps its flash kernel); compiled: always, branch-free
+    if key_padding_mask is not None and (torch.compiler.is_compiling() or key_padding_mask.any()):
         pad = key_padding_mask.to(device=device).bool()[:, None, None, :]
         pad_bias = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, float("-inf"))
         bias = pad_bias if bias is None else bias + pad_bias
