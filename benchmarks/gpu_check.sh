@@ -89,7 +89,8 @@ json.dump(env, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(env))
 ' "$OUT/environment.json"
 
-step gpu_tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml"
+step gpu_tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    --junitxml "$OUT/gpu_tests.xml"
 
 step mfu_base "$LIMIT_BENCH" "$PY" tools/benchmark.py --device "$DEVICE" --precision bf16 "${COMPILE[@]}" \
     --no-baselines "${BENCH[@]}" --cases backbone_pair,pretrain_precomputed,pretrain_deepspeed --out "$OUT/mfu_base_bf16.json"

@@ -54,8 +54,7 @@ def test_bf16_sdpa_matches_fp32(device):
     """The backbone under bf16 autocast (SDPA: flash for unpadded image batches on a GPU, the memory-efficient kernel
     with a padding bias) against fp32: relative error of the final hidden states <= 2%."""
     model = create_model(_model_name()).to(device).eval()
-    cfg = model.config if hasattr(model, "config") else model_config(_model_name())
-    images, tokens, padding = _pair_inputs(cfg, 4, device)
+    images, tokens, padding = _pair_inputs(model_config(_model_name()), 4, device)
     with torch.no_grad():
         for kwargs in ({"visual_tokens": images},
                        {"visual_tokens": images, "textual_tokens": tokens, "text_padding_position": padding}):
@@ -127,4 +126,4 @@ def test_deepspeed_zero_pretraining_step_on_one_device(demo, device, stage):
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), rows
-    assert any((out / "checkpoints").rglob("*")) or any(out.rglob("latest*")), sorted(p.name for p in out.iterdir())
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"

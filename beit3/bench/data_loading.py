@@ -151,9 +151,9 @@ def benchmark_data_pipeline(photos_dir: str | Path, workers: tuple[int, ...] = (
                             out_json: str | Path | None = None) -> dict:
     """Every source kind (folder, JSONL index, WebDataset shards) and the torchvision baseline at each worker count,
     on the same web-size photographs (made in ``photos_dir`` if it holds none), and the JSONL index once more with
-    the float views made in this process (jitter and normalisation on the CPU, where no GPU does it). Each case runs ``repeats`` times,
-    the cases interleaved round by round (so a change of the machine's speed hits all of them); a row is the median
-    run, with every run's images/s per worker beside it."""
+    the float views made in this process (jitter and normalisation on the CPU, where no GPU does it). Each case
+    runs ``repeats`` times, the cases interleaved round by round (so a change of the machine's speed hits all of
+    them); a row is the median run, with every run's images/s per worker beside it."""
     photos_dir = Path(photos_dir)
     made = (make_web_photos(photos_dir, num_images) if not (photos_dir / "images.jsonl").is_file()
             else {"root": str(photos_dir), "num_images": sum(1 for _ in (photos_dir / "images.jsonl").open())})

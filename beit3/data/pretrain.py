@@ -170,8 +170,9 @@ class PretrainStepDataset(Dataset):
                     keys.append(zlib.crc32(str(sample["image_key"]).encode()))
                 if "text_ids" in sample:
                     texts.append(sample["text_ids"])
-            out = {key: torch.stack([v[key] for v in views]) for key in (views[0] if views else ())}
+            out = {}
             if views:
+                out = {key: torch.stack([v[key] for v in views]) for key in views[0]}
                 out["image_id"] = torch.tensor(keys, dtype=torch.long)  # equal for two captions of one image
             if texts:
                 out["text_tokens"], out["padding_mask"] = self.tokenizer.pad_ids(texts, self.max_text_len)

@@ -102,8 +102,8 @@ def color_jitter_batch(images: torch.Tensor, jitter: torch.Tensor) -> torch.Tens
     return images
 
 
-def device_views(stream: dict, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 mean: Sequence[float] = BEIT3_MEAN, std: Sequence[float] = BEIT3_STD) -> dict:
+def device_views(stream: dict, device: torch.device | None = None, mean: Sequence[float] = BEIT3_MEAN,
+                 std: Sequence[float] = BEIT3_STD) -> dict:
     """A loader stream batch with its uint8 views made into the float inputs, on ``device`` (default: where they
     are): ``image`` normalised for the backbone and ``tokenizer_image`` in [0, 1] (the model view's crop when the
     loader sent no separate one; not made when the stream has precomputed ``codes``), both colour-jittered by the
@@ -120,7 +120,7 @@ def device_views(stream: dict, device: torch.device | None = None, dtype: torch.
     model = jittered(stream["image"]) / 255
     m = torch.tensor(mean, device=model.device).view(-1, 1, 1)
     s = torch.tensor(std, device=model.device).view(-1, 1, 1)
-    out["image"] = ((model - m) / s).to(dtype)
+    out["image"] = (model - m) / s
     if "codes" not in stream:
         out["tokenizer_image"] = jittered(stream["tokenizer_image"]) / 255 if "tokenizer_image" in stream else model
     return out
