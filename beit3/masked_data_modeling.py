@@ -4,7 +4,9 @@
 - text: 15% masked tokens (80% ``<mask>``, 10% random, 10% kept) predict the original ids through ``mlm_head``;
 - pair: the image masked as above and 50% of the text masked, encoded jointly, both heads;
 - optionally (``itc_weight`` / ``itm_weight``) the VLMo/ALBEF image-text contrastive and matching losses of the
-  unmasked pairs.
+  unmasked pairs, the contrastive images optionally with most patches dropped (FLIP, ``itc_patch_drop``);
+- or, with ``image_target: pixels``, MAE's target for both image-bearing streams: the masked patches' normalised
+  pixels through a small decoder, the encoder seeing only the visible patches (``visible_only``); no visual tokenizer.
 
 :class:`MaskedDataModeling` is the module the engine trains: ``forward(batch) -> (loss, metrics)`` on the masked
 step batches of :class:`beit3.masking.PretrainInputs`.
@@ -20,7 +22,8 @@ from torch import nn
 
 from .data.pretrain import STREAMS
 from .masking import MaskingConfig
-from .models.contrastive import clip_loss, matching_batch, sample_hard_negatives
+from .models.contrastive import clip_loss, matching_batch, random_keep, sample_hard_negatives
+from .models.pixel_decoder import PixelDecoderConfig, patch_pixels, pixel_loss
 from .models.pretraining import BEiT3ForPretraining
 
 Stage = Literal["joint", "image", "text"]
@@ -44,6 +47,13 @@ class ObjectiveConfig:
     itc_weight: float = 0.0
     itm_weight: float = 0.0
     itm_pairs: int = 0  # ITM on the first K pairs of each rank's batch (3K fused passes); 0 = all of them
+    # the image streams' target: VQ-KD codes (BEiT-3) or the masked patches' per-patch normalised pixels (MAE), which
+    # a pixel_decoder predicts; visible_only: the encoder sees only the unmasked patches (MAE's efficiency option)
+    image_target: Literal["vqkd", "pixels"] = "vqkd"
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    visible_only: bool = True
+    # FLIP: this fraction of each contrastive image's patches (uniformly drawn) is removed before the encoder
+    itc_patch_drop: float = 0.0
     # pair-stream MLM tokens weighted by (1 - p_target) ** gamma (focal): the words the caption's context already gives
     # away stop dominating the loss of the words that need the image (README "Grounding"); 0 = plain cross-entropy
     pair_mlm_focal_gamma: float = 0.0
@@ -54,6 +64,12 @@ class ObjectiveConfig:
         if self.itm_weight and not self.itc_weight:
             raise ValueError("objective.itm_weight > 0 needs objective.itc_weight > 0: the matching loss draws its hard "
                              "negatives from the contrastive similarities")
+        if self.image_target not in ("vqkd", "pixels"):
+            raise ValueError(f"objective.image_target must be 'vqkd' or 'pixels', got '{self.image_target}'")
+        if self.image_target == "pixels" and self.masked_only_last_layer:
+            raise ValueError("objective.masked_only_last_layer needs image_target 'vqkd': the pixel decoder reads every patch")
+        if not 0.0 <= self.itc_patch_drop < 1.0:
+            raise ValueError(f"objective.itc_patch_drop must be in [0, 1), got {self.itc_patch_drop}")
 
 
 STAGE_STREAMS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "joint": STREAMS}
@@ -115,6 +131,7 @@ class MaskedDataModeling(nn.Module):
         self.masked_only_last_layer = cfg.masked_only_last_layer
         self.itc_weight, self.itm_weight, self.itm_pairs = cfg.itc_weight, cfg.itm_weight, cfg.itm_pairs
         self.pair_mlm_focal_gamma = cfg.pair_mlm_focal_gamma
+        self.visible_only, self.itc_patch_drop = cfg.visible_only, cfg.itc_patch_drop
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -137,8 +154,12 @@ class MaskedDataModeling(nn.Module):
                 padding_mask=b.get("padding_mask"),
                 text_mask=b.get("text_mask"),
                 masked_only_last_layer=self.masked_only_last_layer,
+                visible_only=self.visible_only,
             )
             parts = []
+            if "pixels" in logits:
+                targets = patch_pixels(b["image"], self.model.config.patch_size)[b["image_mask"].bool()]
+                parts.append(("image", pixel_loss(logits["pixels"], targets), None))
             if "mim" in logits:
                 loss, acc = _cross_entropy(logits["mim"], b["codes"][b["image_mask"]])
                 parts.append(("image", loss, acc))
@@ -150,15 +171,17 @@ class MaskedDataModeling(nn.Module):
             metrics[f"loss_{stream}"] = stream_loss.detach()
             for modality, loss, acc in parts:
                 suffix = stream if stream != "pair" else f"pair_{modality}"
-                metrics[f"acc_{suffix}"] = acc
+                if acc is not None:
+                    metrics[f"acc_{suffix}"] = acc
                 if stream == "pair":
                     metrics[f"loss_{suffix}"] = loss.detach()
             weighted = self.weights[stream] * stream_loss
             total = weighted if total is None else total + weighted
             size = next(v for v in b.values() if isinstance(v, torch.Tensor)).shape[0]
             num_samples += size
-            if "image" in b:
-                num_tokens += size * (self.model.beit3.vision_embed.num_position_embeddings())
+            if "image" in b:  # the tokens the encoder computes: CLS + the visible patches when it sees only those
+                masked = int(b["image_mask"][0].sum()) if "pixels" in logits and self.visible_only else 0
+                num_tokens += size * (self.model.beit3.vision_embed.num_position_embeddings() - masked)
             if "padding_mask" in b:
                 num_tokens += int((~b["padding_mask"].bool()).sum())
         if total is None:
@@ -175,7 +198,8 @@ class MaskedDataModeling(nn.Module):
         positives and 2B hard negatives (another image's caption, another caption's image; two captions of one image,
         ``image_id``, are never negatives of each other); ``itm_pairs`` = K < B: on the first K pairs only."""
         images, texts, pads = pair["image"], pair["text_targets"], pair["padding_mask"]
-        out = self.model(images=images, text_tokens=texts, padding_mask=pads, head="contrastive")
+        keep = random_keep(len(images), self.model.config.num_patches, self.itc_patch_drop, images.device)
+        out = self.model(images=images, text_tokens=texts, padding_mask=pads, head="contrastive", vision_keep=keep)
         image_features, text_features, scale = out["image_features"], out["text_features"], out["logit_scale"]
         itc = clip_loss(image_features, text_features, scale)
         with torch.no_grad():

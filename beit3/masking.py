@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -18,9 +18,11 @@ from .data.transforms import device_views
 
 @dataclass
 class MaskingConfig:
-    """How much of each stream is masked (BEiT-3 paper §2.2: 40% of patches, 15% of text, 50% of paired text)."""
+    """How much of each stream is masked (BEiT-3 paper §2.2: 40% of patches, 15% of text, 50% of paired text);
+    ``image_mask_style``: BEiT's ``block``-wise masks or MAE's uniformly ``random`` patches (MAE masks 75%)."""
 
     image_mask_ratio: float = 0.4
+    image_mask_style: Literal["block", "random"] = "block"
     min_block_patches: int = 16
     max_block_aspect: float = 1 / 0.3
     text_mask_ratio: float = 0.15
@@ -36,6 +38,8 @@ class MaskingConfig:
             raise ValueError("masking config 'mask_replace_prob' + 'random_replace_prob' must be within [0, 1]")
         if self.min_block_patches < 1 or self.max_block_aspect < 1:
             raise ValueError("masking config 'min_block_patches' and 'max_block_aspect' must be >= 1")
+        if self.image_mask_style not in ("block", "random"):
+            raise ValueError(f"masking config 'image_mask_style' must be 'block' or 'random', got '{self.image_mask_style}'")
 
 
 class BlockMaskGenerator:
@@ -87,6 +91,21 @@ class BlockMaskGenerator:
         return torch.from_numpy(np.stack([self(rng) for _ in range(batch_size)])) if batch_size else torch.zeros(0, self.height * self.width, dtype=torch.bool)
 
 
+class RandomMaskGenerator(BlockMaskGenerator):
+    """MAE's masking: ``num_masked`` patches drawn uniformly without replacement (the same exact count as blocks)."""
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        flat = np.zeros(self.height * self.width, dtype=bool)
+        flat[rng.choice(flat.size, self.num_masked, replace=False)] = True
+        return flat
+
+
+def image_mask_generator(patch_grid: tuple[int, int], masking: MaskingConfig) -> BlockMaskGenerator:
+    """The image mask generator ``masking`` asks for, on a ``patch_grid`` of patches."""
+    cls = RandomMaskGenerator if masking.image_mask_style == "random" else BlockMaskGenerator
+    return cls(*patch_grid, masking.image_mask_ratio, masking.min_block_patches, masking.max_block_aspect)
+
+
 def mask_text(
     tokens: torch.Tensor,
     maskable: torch.Tensor,
@@ -123,7 +142,7 @@ class PretrainInputs:
     The loader's uint8 views are made into jittered float inputs on ``device`` first (``device_views``), so the
     copy, the colour jitter and the normalisation run there, not in the loader's workers. ``codes_fn`` maps
     tokenizer-view images in [0, 1] to visual-token ids [B, N]; a stream that already carries ``codes``
-    (precomputed by ``tools/tokenize_dataset.py``) skips it. Masks are drawn from a generator seeded by
+    (precomputed by ``tools/tokenize_dataset.py``) skips it; with ``pixel_targets`` (MAE) no codes are made. Masks are drawn from a generator seeded by
     (seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
     """
 
@@ -139,11 +158,13 @@ class PretrainInputs:
         seed: int = 0,
         rank: int = 0,
         device: torch.device | str = "cpu",
+        pixel_targets: bool = False,
     ):
         self.batches = batches
         self.device = torch.device(device)
         self.masking = masking
-        self.block_masks = BlockMaskGenerator(*patch_grid, masking.image_mask_ratio, masking.min_block_patches, masking.max_block_aspect)
+        self.block_masks = image_mask_generator(patch_grid, masking)
+        self.pixel_targets = pixel_targets
         self.mask_token_id = mask_token_id
         self.random_token_range = random_token_range
         self.special_token_ids = torch.tensor(sorted(set(special_token_ids)))
@@ -184,6 +205,11 @@ class PretrainInputs:
             b = device_views(b, self.device)
             if "image" in b:
                 b["image_mask"] = self.block_masks.batch(b["image"].shape[0], rng)
+                if self.pixel_targets:  # the targets are the image's own pixels (MAE): no codes
+                    b.pop("tokenizer_image", None)
+                    b.pop("codes", None)
+                    out[stream] = self._mask_text(stream, b, text_gen)
+                    continue
                 if "codes" not in b:
                     if self.codes_fn is None:
                         raise ValueError(f"the '{stream}' stream has no precomputed codes and no tokenizer was given")
@@ -195,14 +221,17 @@ class PretrainInputs:
                         f"visual codes of the '{stream}' stream have shape {tuple(b['codes'].shape)} but the model's patch "
                         f"grid gives {tuple(b['image_mask'].shape)}: tokenizer and model must use the same patch grid"
                     )
-            if "text_tokens" in b:
-                tokens = b["text_tokens"]
-                maskable = ~b["padding_mask"].bool() & ~torch.isin(tokens, self.special_token_ids)
-                ratio = self.masking.pair_text_mask_ratio if stream == "pair" else self.masking.text_mask_ratio
-                b["text_targets"] = tokens
-                b["text_tokens"], b["text_mask"] = mask_text(
-                    tokens, maskable, ratio, self.mask_token_id, self.random_token_range, text_gen,
-                    self.masking.mask_replace_prob, self.masking.random_replace_prob,
-                )
-            out[stream] = b
+            out[stream] = self._mask_text(stream, b, text_gen)
         return out
+
+    def _mask_text(self, stream: str, b: dict, text_gen: torch.Generator) -> dict:
+        if "text_tokens" in b:
+            tokens = b["text_tokens"]
+            maskable = ~b["padding_mask"].bool() & ~torch.isin(tokens, self.special_token_ids)
+            ratio = self.masking.pair_text_mask_ratio if stream == "pair" else self.masking.text_mask_ratio
+            b["text_targets"] = tokens
+            b["text_tokens"], b["text_mask"] = mask_text(
+                tokens, maskable, ratio, self.mask_token_id, self.random_token_range, text_gen,
+                self.masking.mask_replace_prob, self.masking.random_replace_prob,
+            )
+        return b

@@ -23,13 +23,18 @@ def test_quick_suite_writes_complete_json(tmp_path):
     assert results["peak_flops"] > 0 and results["peak_source"]
     cases = results["cases"]
     for name in ("backbone_image", "backbone_text", "backbone_pair", "pretrain_precomputed", "pretrain_online",
-                 "pretrain_deepspeed", "tokenizer_encode"):
+                 "pretrain_deepspeed", "pretrain_pixels_visible", "pretrain_pixels_full", "contrastive_flip",
+                 "contrastive_full", "tokenizer_encode"):
         case = cases[name]
         for key in ("step_s", "samples_per_s", "tokens_per_s", "flops_per_step", "achieved_tflops", "mfu", "peak_mem_mb"):
             assert math.isfinite(case[key]) and case[key] > 0, (name, key, case[key])
         assert len(case["step_s_all"]) == results["config"]["repeats"]
     assert cases["data_loading"]["images_per_s_per_worker"] > 0
     assert results["comparisons"]["pretrain_precomputed_vs_backbone_pair"] > 0
+    # the visible-only encoder and FLIP's dropping do fewer FLOPs per step than their baselines (not a timing claim)
+    assert cases["pretrain_pixels_visible"]["flops_per_step"] < cases["pretrain_pixels_full"]["flops_per_step"]
+    assert cases["contrastive_flip"]["flops_per_step"] < cases["contrastive_full"]["flops_per_step"]
+    assert results["comparisons"]["speedup_mae_visible_only"] > 0 and results["comparisons"]["speedup_flip_patch_drop"] > 0
 
 
 def test_checkpointing_every_k_runs_in_process():

@@ -37,7 +37,8 @@ SUITES = {
 }
 
 ALL_CASES = ("backbone_image", "backbone_text", "backbone_pair", "pretrain_precomputed", "pretrain_online",
-             "pretrain_deepspeed", "tokenizer_encode", "data_loading")
+             "pretrain_deepspeed", "pretrain_pixels_visible", "pretrain_pixels_full", "contrastive_flip",
+             "contrastive_full", "tokenizer_encode", "data_loading")
 # cases that set their own precision (DeepSpeed's bf16 mode): never run under autocast
 NO_AUTOCAST_CASES = ("pretrain_deepspeed",)
 

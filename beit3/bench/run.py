@@ -8,6 +8,8 @@ Cases (each timed after warm-up, over several repeats, median reported):
 - ``pretrain_deepspeed``: the whole training step under DeepSpeed (ZeRO stage ``zero_stage``, bf16 master-weight mode
   for ``precision=bf16``, AdamW step included) on a model of its own: the case for peak memory (e.g. giant, ZeRO-3,
   activation checkpointing, one GPU);
+- ``pretrain_pixels_{visible,full}`` and ``contrastive_{flip,full}``: MAE's visible-only encoder and FLIP's patch
+  dropping, each beside its baseline (:mod:`beit3.bench.variants`);
 - ``tokenizer_encode``: ``VQKD.get_codebook_indices`` on a batch (no grad);
 - ``data_loading``: :func:`beit3.bench.data_loading.measure_loading` (one worker, decode + two-view transform);
 - same-run baselines when importable: ``torchscale_{image,text,pair}`` (the official torchscale ``BEiT3`` holding the
@@ -39,6 +41,7 @@ from beit3.bench.common import (BenchConfig, Timer, backbone_kwargs, backbone_st
     tokens_of)
 from beit3.bench.data_loading import measure_loading
 from beit3.bench.pretraining import build_tokenizer, pretraining_cases, tokenizer_images
+from beit3.bench.variants import FLIP_CASES, MAE_CASES, variant_cases
 from beit3.demo.data import make_demo_data
 from beit3.models.pretraining import BEiT3ForPretraining
 
@@ -131,6 +134,15 @@ def run(bench: BenchConfig, log: Callable[[str], None] = print) -> dict:
         log_cases(results, list(fns), log)
     twin = vit = None
 
+    variant_fns, variant_flops = variant_cases(cfg, inputs, bench, device)
+    for group in (MAE_CASES, FLIP_CASES):  # each option timed beside its own baseline
+        fns = {name: variant_fns[name] for name in group if name in variant_fns}
+        if fns:
+            for name, timing in timer.run(fns).items():
+                record(name, timing, bench.batch, bench.batch * (cfg.num_patches + 1), variant_flops[name],
+                       note="tokens_per_s counts the input image tokens, whether or not the encoder sees them")
+            log_cases(results, list(fns), log)
+
     if "tokenizer_encode" in bench.cases and tokenizer is not None:
         images = tokenizer_images(tokenizer, bench.batch, device)
 
@@ -197,6 +209,8 @@ def comparisons(cases: dict) -> dict:
     for m in ("image", "text", "pair"):
         ratio(f"speedup_vs_torchscale_{m}", f"backbone_{m}", f"torchscale_{m}")
     ratio("speedup_vs_timm_vit_image", "backbone_image", "timm_vit_image")
+    ratio("speedup_mae_visible_only", "pretrain_pixels_visible", "pretrain_pixels_full")
+    ratio("speedup_flip_patch_drop", "contrastive_flip", "contrastive_full")
     ratio("speedup_vs_torchscale_fp32_pair", "backbone_pair", "torchscale_pair_fp32")
     ratio("speedup_fp32_vs_torchscale_fp32_pair", "backbone_pair_fp32", "torchscale_pair_fp32")
     ratio("speedup_bf16_vs_own_fp32_pair", "backbone_pair", "backbone_pair_fp32")

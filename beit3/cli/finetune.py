@@ -21,7 +21,7 @@ from .commands import out_file
 from .startup import check_output_dir, check_previous_run, exit_code
 from beit3.engine import OptimConfig, TrainConfig, add_common_args, get_rank, get_world_size, init_distributed, train
 from beit3.finetune import (TASKS, CaptioningOptions, ClassificationOptions, EvalCallback, EvalResult, FinetuneObjective,
-                       FinetuneTask, RetrievalOptions, TaskContext, TrainBatches, evaluate, read_index,
+                       FinetuneTask, RetrievalOptions, TaskContext, TrainBatches, TrainProgress, evaluate, read_index,
                        write_predictions)
 from beit3.finetune.data import require_keys
 from beit3.finetune.evaluation import BEST_DIR, BEST_METRICS_FILE
@@ -254,13 +254,14 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     if cfg.epochs > 0:
         cfg.train.steps = max(1, math.ceil(cfg.epochs * batches.steps_per_epoch))
         cfg.optim.warmup_steps = int(cfg.warmup_epochs * batches.steps_per_epoch)
+    ctx.train_steps = cfg.train.steps
     metric = cfg.eval.metric or task.metric
     callback = EvalCallback(task, task.eval_samples(ctx, eval_items), ctx, cfg.eval.split, _eval_batch_size(cfg),
                             cfg.eval.every_steps or batches.steps_per_epoch, metric, cfg.data.num_workers)
     if rank == 0:
         write_yaml(Path(cfg.output_dir) / RUN_CONFIG_FILE, to_dict(cfg))
     summary = train(FinetuneObjective(model, task, ctx), batches, cfg.train, cfg.optim, cfg.output_dir,
-                    config_snapshot=to_dict(cfg), callbacks=[callback])
+                    config_snapshot=to_dict(cfg), callbacks=[callback, TrainProgress(ctx)])
     out = Path(cfg.output_dir)
     final = callback.last
     if final is None:  # resumed a finished run: evaluate the final weights once more

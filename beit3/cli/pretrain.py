@@ -86,7 +86,9 @@ def eval_sources(cfg: PretrainConfig) -> dict[str, str]:
         return {}
     batch = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
     streams = [s for s in STAGE_STREAMS[cfg.objective.stage] if batch[s]]
-    if not cfg.tokenizer.path:
+    if cfg.objective.image_target == "pixels":  # pairs evaluate their MLM and probes; no codes for a MIM accuracy
+        streams = [s for s in streams if s != "image"]
+    elif not cfg.tokenizer.path:
         streams = [s for s in streams if s == "text"]
     try:
         return resolve_eval_sources(cfg.eval, Path(cfg.data.root), cfg.data.image_source, cfg.data.pair_source,
@@ -112,7 +114,7 @@ def check_config(cfg: PretrainConfig) -> None:
                           f"(objective.stage='{cfg.objective.stage}', data.pair_batch={cfg.data.pair_batch})")
     check_data(cfg.data, streams)
     build_deepspeed_config(cfg.train)  # a missing or malformed train.deepspeed_config file
-    needs_codes = batch["image"] or batch["pair"]
+    needs_codes = (batch["image"] or batch["pair"]) and cfg.objective.image_target == "vqkd"
     codes_dir = Path(cfg.data.root) / cfg.data.codes_dir
     if needs_codes and cfg.data.codes_dir:
         if not codes_dir.is_dir():
@@ -135,6 +137,13 @@ def check_config(cfg: PretrainConfig) -> None:
 
 def text_tokenizer_path(cfg: PretrainConfig) -> Path:
     return Path(cfg.tokenizer.text) if cfg.tokenizer.text else Path(cfg.data.root) / "beit3.spm"
+
+
+def image_target_kwargs(objective: ObjectiveConfig) -> dict:
+    """The pretraining model's image-target arguments: none for VQ-KD codes, the decoder's sizes for pixels."""
+    if objective.image_target == "vqkd":
+        return {}
+    return {"image_target": "pixels", "pixel_decoder": to_dict(objective.pixel_decoder)}
 
 
 def _device() -> torch.device:
@@ -171,11 +180,13 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         raise ConfigError(f"data.image_size={cfg.data.image_size} but model '{cfg.model.name}' takes {model_cfg.img_size} px images")
     grid = model_cfg.img_size // model_cfg.patch_size
     codes_fn, codebook_size = None, None
-    if cfg.data.codes_dir and (cfg.data.image_batch or cfg.data.pair_batch):
+    pixels = cfg.objective.image_target == "pixels"
+    needs_codes = (cfg.data.image_batch or cfg.data.pair_batch) and not pixels  # MAE: images are their own targets
+    if needs_codes and cfg.data.codes_dir:
         meta = read_codes_meta(Path(cfg.data.root) / cfg.data.codes_dir)
         codebook_size = int(meta["codebook_size"])
         _check_grid(int(meta["num_patches"]), grid * grid, f"precomputed codes '{cfg.data.codes_dir}'", model_cfg)
-    elif cfg.data.image_batch or cfg.data.pair_batch:
+    elif needs_codes:
         try:
             codes_fn, tok = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device(), cfg.data.tokenizer_image_size)
         except (CheckpointError, OSError, ValueError) as err:
@@ -183,7 +194,8 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         codebook_size = tok.config.codebook_size
         _check_grid(tok.config.num_patches, grid * grid, f"visual tokenizer '{cfg.tokenizer.path}' at data.tokenizer_image_size={cfg.data.tokenizer_image_size}", model_cfg)
     model = BEiT3ForPretraining(model_cfg, codebook_size=codebook_size or 8192,
-                                contrastive=cfg.objective.itc_weight > 0, matching=cfg.objective.itm_weight > 0)
+                                contrastive=cfg.objective.itc_weight > 0, matching=cfg.objective.itm_weight > 0,
+                                **image_target_kwargs(cfg.objective))
     if cfg.model.init_from:
         try:
             load_checkpoint(model, cfg.model.init_from)
@@ -206,6 +218,7 @@ def build_pretraining(cfg: PretrainConfig, rank: int = 0, world_size: int = 1) -
         seed=cfg.train.seed,
         rank=rank,
         device=_device(),
+        pixel_targets=pixels,
     )
     return MaskedDataModeling(model, cfg.objective), inputs
 
@@ -220,7 +233,7 @@ def build_eval_callbacks(cfg: PretrainConfig, inputs: PretrainInputs) -> list[Pr
                   file=sys.stderr, flush=True)
         return []
     codes_fn = inputs.codes_fn
-    if codes_fn is None and set(sources) - {"text"}:
+    if codes_fn is None and set(sources) - {"text"} and cfg.objective.image_target == "vqkd":
         codes_fn, _ = visual_codes_fn(cfg.tokenizer.path, cfg.tokenizer.precision, _device(), cfg.data.tokenizer_image_size)
     grid = inputs.block_masks.height, inputs.block_masks.width
     try:
@@ -256,14 +269,16 @@ def export_pretrained(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Consolidate the latest checkpoint of a pretraining run (any ZeRO stage) into ``out_dir``:
     ``config.json`` + ``model.safetensors`` (``from_pretrained``), the run's text tokenizer as ``beit3.spm``, a model
     card, and ``beit3_pretrained.pth``, the official layout
-    (``{"model": {beit3.*, mim_head.*, mlm_head.*}}``) that ``load_checkpoint`` and the official fine-tuning code read."""
+    (``{"model": {beit3.*, mim_head.*, mlm_head.*}}``; ``pixel_decoder.*`` in place of ``mim_head`` for MAE targets) that ``load_checkpoint`` and the official fine-tuning code read."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(PretrainConfig, run_dir / RUN_CONFIG_FILE)
     state = {k[len("model.") :]: v for k, v in export_consolidated_state_dict(run_dir).items() if k.startswith("model.")}
-    if "mim_head.weight" not in state:
-        raise ConfigError(f"'{run_dir}' holds no pretraining checkpoint (no mim_head in its latest checkpoint)")
+    if "mlm_head.weight" not in state or not {"mim_head.weight", "pixel_decoder.pred.weight"} & state.keys():
+        raise ConfigError(f"'{run_dir}' holds no pretraining checkpoint (no mlm_head and mim_head / pixel_decoder in "
+                          "its latest checkpoint)")
     overrides = {"vocab_size": state["beit3.text_embed.weight"].shape[0], **cfg.model.overrides}
-    model = BEiT3ForPretraining(model_config(cfg.model.name, **overrides), **BEiT3ForPretraining.heads_of(state))
+    heads = {**BEiT3ForPretraining.heads_of(state), **image_target_kwargs(cfg.objective)}
+    model = BEiT3ForPretraining(model_config(cfg.model.name, **overrides), **heads)
     load_checkpoint(model, state, strict=True)
     text_path = text_tokenizer_path(cfg)
     save_pretrained(model, out_dir, text_tokenizer=text_path if text_path.is_file() else None)

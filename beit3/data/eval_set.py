@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from beit3.masking import BlockMaskGenerator, MaskingConfig, mask_text
+from beit3.masking import MaskingConfig, image_mask_generator, mask_text
 from beit3.text import TextTokenizer
 from beit3.data.pretrain import derive_seed
 from beit3.data.readers import SkipSample
@@ -208,7 +208,7 @@ def build_eval_set(
                "text": lambda s: open_text_source([s], root, tokenizer),
                "pair": lambda s: open_pair_source(s, root, tokenizer)}
     views = EvalImageViews(image_size, tokenizer_image_size)
-    blocks = BlockMaskGenerator(*patch_grid, masking.image_mask_ratio, masking.min_block_patches, masking.max_block_aspect)
+    blocks = image_mask_generator(patch_grid, masking)
     special = torch.tensor(sorted({tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id}))
     out, other, probes = {}, None, {}
     for stream, spec in sources.items():

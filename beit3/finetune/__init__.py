@@ -7,7 +7,7 @@ from .evaluation import EvalCallback, evaluate, write_predictions
 from .imagenet import ClassificationOptions, ImageNetTask
 from .nlvr2 import NLVR2Task
 from .retrieval import RetrievalOptions, RetrievalTask
-from .task import EvalResult, FinetuneObjective, FinetuneTask, TaskContext
+from .task import EvalResult, FinetuneObjective, FinetuneTask, TaskContext, TrainProgress
 from .vqav2 import VQAv2Task, read_answer2label
 
 TASKS: dict[str, FinetuneTask] = {
@@ -22,6 +22,6 @@ TASKS: dict[str, FinetuneTask] = {
 __all__ = [
     "CaptioningOptions", "CaptioningTask", "ClassificationOptions", "EvalCallback", "EvalResult", "FinetuneObjective",
     "FinetuneTask", "ImageNetTask", "NLVR2Task", "RetrievalOptions", "RetrievalTask", "SampleDataset", "TASKS",
-    "TaskContext", "TrainBatches", "VQAv2Task", "eval_batches", "evaluate", "mask_caption", "read_answer2label",
+    "TaskContext", "TrainBatches", "TrainProgress", "VQAv2Task", "eval_batches", "evaluate", "mask_caption", "read_answer2label",
     "read_index", "read_references", "write_predictions",
 ]

@@ -18,13 +18,24 @@ from .task import EvalResult, FinetuneTask, TaskContext
 @dataclass
 class RetrievalOptions:
     """``rerank_top_k`` > 0 re-ranks each query's contrastive top-k with the ITM head (the model needs
-    ``model.overrides.itm: true``)."""
+    ``model.overrides.itm: true``). ``patch_drop``: FLIP's patch dropping, this fraction of each training image's
+    patches removed before the encoder of the contrastive loss; ``unmasked_tuning_steps``: FLIP's unmasked tuning,
+    the last that many steps without dropping."""
 
     rerank_top_k: int = 0
+    patch_drop: float = 0.0
+    unmasked_tuning_steps: int = 0
 
     def __post_init__(self):
-        if self.rerank_top_k < 0:
-            raise ValueError(f"rerank_top_k must be >= 0, got {self.rerank_top_k}")
+        if self.rerank_top_k < 0 or self.unmasked_tuning_steps < 0:
+            raise ValueError(f"rerank_top_k and unmasked_tuning_steps must be >= 0, got {self.rerank_top_k} and "
+                             f"{self.unmasked_tuning_steps}")
+        if not 0.0 <= self.patch_drop < 1.0:
+            raise ValueError(f"patch_drop must be in [0, 1), got {self.patch_drop}")
+
+    def drop_at(self, step: int, train_steps: int) -> float:
+        """The patch-drop fraction of 0-based training step ``step`` of ``train_steps``."""
+        return 0.0 if step >= train_steps - self.unmasked_tuning_steps else self.patch_drop
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -71,9 +82,13 @@ class RetrievalTask(FinetuneTask):
         return sample
 
     def training_loss(self, model: nn.Module, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
+        drop = ctx.options.drop_at(ctx.step, ctx.train_steps) if ctx.options is not None else 0.0
         loss, _, _ = model(image=batch["image"], text_description=batch["text"], padding_mask=batch["padding_mask"],
-                           image_id=batch["image_id"])
-        return loss, {"num_samples": batch["text"].shape[0], "logit_scale": model.logit_scale.detach().exp()}
+                           image_id=batch["image_id"], patch_drop=drop)
+        metrics = {"num_samples": batch["text"].shape[0], "logit_scale": model.logit_scale.detach().exp()}
+        if ctx.options is not None and ctx.options.patch_drop:
+            metrics["patch_drop"] = drop
+        return loss, metrics
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: dict, ctx: TaskContext) -> list[dict]:

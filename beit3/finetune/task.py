@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from beit3.data.transforms import build_finetune_transform
+from beit3.engine import Callback
 from beit3.text import TextTokenizer
 
 from .data import Collate, SampleDataset, default_collate
@@ -37,6 +38,8 @@ class TaskContext:
     max_caption_len: int = 32
     caption_backend: str = "auto"
     references: dict[str, str] = field(default_factory=dict)  # split -> reference file (captioning)
+    step: int = 0  # the optimizer step about to run, 0-based (kept by TrainProgress), and the run's length
+    train_steps: int = 0
 
     def transform(self, train: bool) -> Callable:
         return build_finetune_transform(self.image_size, train, self.randaug and train,
@@ -115,6 +118,20 @@ class FinetuneTask(ABC):
     @abstractmethod
     def score(self, model: nn.Module, records: list[dict], ctx: TaskContext, split: str) -> EvalResult:
         """Metrics (and predictions file) from the records of the whole split; runs on every rank."""
+
+
+class TrainProgress(Callback):
+    """Keeps ``ctx.step`` at the optimizer step about to run (also after a resume), for tasks whose training loss
+    follows a schedule (retrieval's FLIP patch dropping, off for the last steps)."""
+
+    def __init__(self, ctx: TaskContext):
+        self.ctx = ctx
+
+    def on_train_start(self, ctx) -> None:
+        self.ctx.step = ctx.step
+
+    def on_step_end(self, ctx, step: int, metrics: dict) -> None:
+        self.ctx.step = step
 
 
 class FinetuneObjective(nn.Module):

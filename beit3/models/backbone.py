@@ -14,6 +14,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .input_embeddings import POSITION_OFFSET, MultiwayPositionEmbedding, VisionEmbedding
 from .layers import (
     IMAGE_ONLY,
     TEXT_ONLY,
@@ -28,10 +29,6 @@ from .layers import (
     routed,
     split_parts,
 )
-
-# fairseq legacy kept by the official code: positions count from 2, rows 0 and 1 are never used.
-POSITION_OFFSET = 2
-
 
 @dataclass
 class BEiT3Config:
@@ -85,77 +82,6 @@ class BEiT3Config:
 
     def replace(self, **changes) -> "BEiT3Config":
         return dataclasses.replace(self, **changes)
-
-
-class VisionEmbedding(nn.Module):
-    """Patch embedding (Conv2d), optional MIM mask token substitution, prepended CLS token."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
-        super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-
-    def num_position_embeddings(self) -> int:
-        return self.num_patches + 1
-
-    def forward(self, images: torch.Tensor, masked_position: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(
-                f"visual_tokens must be images of shape (B, C, {self.img_size}, {self.img_size}) for this model "
-                f"(img_size={self.img_size}); got {tuple(images.shape)}. Resize the images or build the model with "
-                f"img_size={images.shape[-1]} (positions are interpolated on load)"
-            )
-        x = self.proj(images).flatten(2).transpose(1, 2)
-        if masked_position is not None:
-            if masked_position.shape != x.shape[:2]:
-                raise ValueError(
-                    f"vision_masked_position must have shape {tuple(x.shape[:2])} (batch, patches); "
-                    f"got {tuple(masked_position.shape)}"
-                )
-            w = masked_position.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-
-
-class MultiwayPositionEmbedding(nn.Module):
-    """Two learned absolute position tables: ``A`` for image tokens (N+1 rows + 2), ``B`` for text (1024 rows).
-
-    Each modality counts its own positions from 2, so text positions do not depend on the image length.
-    """
-
-    def __init__(self, vision_positions: int, text_positions: int, dim: int):
-        super().__init__()
-        self.A = nn.Embedding(vision_positions + POSITION_OFFSET, dim)
-        self.B = nn.Embedding(text_positions, dim)
-
-    def forward(self, vision_len: int, text_len: int, text_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        parts = []
-        if vision_len:
-            parts.append(self.A.weight[POSITION_OFFSET : POSITION_OFFSET + vision_len].unsqueeze(0))
-        if text_len:
-            if text_positions is None:
-                max_len = self.B.num_embeddings - POSITION_OFFSET
-                if text_len > max_len:
-                    raise ValueError(
-                        f"text of {text_len} tokens is longer than the text position table allows ({max_len} tokens, "
-                        f"max_text_positions={self.B.num_embeddings}); truncate the text"
-                    )
-                parts.append(self.B.weight[POSITION_OFFSET : POSITION_OFFSET + text_len].unsqueeze(0))
-            else:
-                if text_positions.numel() and int(text_positions.max()) >= self.B.num_embeddings:
-                    raise ValueError(
-                        f"text position {int(text_positions.max())} is outside the text position table "
-                        f"({self.B.num_embeddings} rows)"
-                    )
-                parts.append(nn.functional.embedding(text_positions, self.B.weight))
-        if len(parts) == 1:
-            return parts[0]
-        batch = max(p.shape[0] for p in parts)
-        return torch.cat([p.expand(batch, -1, -1) for p in parts], dim=1)
 
 
 class EncoderLayer(SequenceParts):
@@ -276,6 +202,9 @@ class BEiT3(nn.Module):
     vision tokens) and, with ``return_all_hiddens=True``, ``encoder_states`` (the input of layer 0 and the output of
     every layer, before the final LayerNorm).
 
+    ``vision_keep`` (B, K) patch indexes encodes only those patches (with their own positions) after the CLS: the
+    vision part is then 1 + K tokens long (MAE's visible-only encoder, FLIP's patch dropping).
+
     ``output_positions`` (bool (B, L), True where an output is needed) makes the last layer compute only those
     positions past its keys and values; ``encoder_out`` is then their rows, (N, D): the vision part's selected rows
     row-major, then the text part's (= ``cat([out[:, :k][m[:, :k]], out[:, k:][m[:, k:]]])`` of the full output with
@@ -331,13 +260,14 @@ class BEiT3(nn.Module):
         positions: Optional[torch.Tensor] = None,
         return_all_hiddens: bool = False,
         output_positions: Optional[torch.Tensor] = None,
+        vision_keep: Optional[torch.Tensor] = None,
     ) -> dict:
         if textual_tokens is None and visual_tokens is None:
             raise ValueError("BEiT3.forward needs textual_tokens, visual_tokens or both")
         parts = []
         vision_len = text_len = 0
         if visual_tokens is not None:
-            parts.append(self.vision_embed(visual_tokens, vision_masked_position))
+            parts.append(self.vision_embed(visual_tokens, vision_masked_position, vision_keep))
             vision_len = parts[-1].shape[1]
         if textual_tokens is not None:
             if textual_tokens.dim() != 2:
@@ -368,7 +298,9 @@ class BEiT3(nn.Module):
                 )
             padding_mask[:, vision_len:] = text_padding_position.bool()
 
-        x = embedding + self.encoder.embed_positions(vision_len, text_len, positions)
+        if vision_keep is not None and visual_tokens is None:
+            raise ValueError("vision_keep selects image patches: pass visual_tokens too")
+        x = embedding + self.encoder.embed_positions(vision_len, text_len, positions, vision_keep)
         x = x * (1 - padding_mask.unsqueeze(-1).to(x.dtype))
 
         key_len = x.shape[1]

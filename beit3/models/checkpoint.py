@@ -24,7 +24,8 @@ from torch import nn
 
 from ..config import ConfigError, from_dict, to_dict
 from ..hub import resolve_pretrained
-from .backbone import POSITION_OFFSET, BEiT3, BEiT3Config
+from .backbone import BEiT3, BEiT3Config
+from .input_embeddings import POSITION_OFFSET
 from .registry import model_class
 
 logger = logging.getLogger("beit3")

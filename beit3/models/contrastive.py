@@ -25,6 +25,15 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_nn.all_gather(features.contiguous())), dist.get_rank()
 
 
+def random_keep(batch: int, num_patches: int, drop: float, device=None) -> Optional[torch.Tensor]:
+    """FLIP's patch dropping: per sample ``num_patches - round(drop * num_patches)`` patch indexes drawn uniformly
+    (global RNG; ascending), for ``BEiT3(vision_keep=...)``; None when ``drop`` is 0 (every patch encoded)."""
+    if not drop:
+        return None
+    kept = max(1, num_patches - round(drop * num_patches))
+    return torch.rand(batch, num_patches, device=device).argsort(dim=1)[:, :kept].sort(dim=1).values
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of the official ``ClipLoss``: local features against the features of all ranks, the
     positive of local row i being global column ``i + rank * batch``."""

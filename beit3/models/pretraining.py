@@ -16,15 +16,18 @@ from .checkpoint import CONFIG_FILE, CheckpointError, from_pretrained, load_chec
 from .contrastive import ITMHead, add_contrastive_heads
 from .task_model import BEiT3TaskModel
 from .layers import init_linear_and_norm
+from .pixel_decoder import PixelDecoder, PixelDecoderConfig, visible_patches
 from .registry import model_config, register_model_class
 
 Head = Literal["masked", "contrastive", "matching"]
+ImageTarget = Literal["vqkd", "pixels"]
 
 
 @register_model_class
 class BEiT3ForPretraining(BEiT3TaskModel):
-    """Backbone + MIM head (``codebook_size`` classes) + MLM head (``vocab_size`` classes), optionally the
-    contrastive heads (``contrastive=True``) and the matching head (``matching=True``).
+    """Backbone + MIM head (``codebook_size`` classes; or, with ``image_target="pixels"``, an MAE pixel decoder sized
+    by ``pixel_decoder``) + MLM head (``vocab_size`` classes), optionally the contrastive heads (``contrastive=True``)
+    and the matching head (``matching=True``).
 
     Only masked positions reach the heads, so the 64k-way MLM head spends no work on the unmasked majority; with
     ``masked_only_last_layer`` the last layer too computes only them past its keys and values
@@ -33,11 +36,19 @@ class BEiT3ForPretraining(BEiT3TaskModel):
     """
 
     def __init__(self, config: BEiT3Config, codebook_size: int = 8192, contrastive: bool = False,
-                 matching: bool = False):
-        super().__init__(config, codebook_size=codebook_size, contrastive=contrastive, matching=matching)
-        self.mim_head = nn.Linear(config.embed_dim, codebook_size)
+                 matching: bool = False, image_target: ImageTarget = "vqkd", pixel_decoder: Optional[dict] = None):
+        if image_target not in ("vqkd", "pixels"):
+            raise ValueError(f"image_target must be 'vqkd' or 'pixels', got '{image_target}'")
+        extra = {} if image_target == "vqkd" else {"image_target": image_target, "pixel_decoder": dict(pixel_decoder or {})}
+        super().__init__(config, codebook_size=codebook_size, contrastive=contrastive, matching=matching, **extra)
+        self.mim_head = self.pixel_decoder = None
+        if image_target == "vqkd":
+            self.mim_head = nn.Linear(config.embed_dim, codebook_size)
+            self.mim_head.apply(init_linear_and_norm)
+        else:
+            self.pixel_decoder = PixelDecoder(config.embed_dim, config.num_patches, config.patch_size, config.in_chans,
+                                              PixelDecoderConfig(**(pixel_decoder or {})), config.layernorm_eps)
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
-        self.mim_head.apply(init_linear_and_norm)
         self.mlm_head.apply(init_linear_and_norm)
         if contrastive:
             add_contrastive_heads(self, config.embed_dim)
@@ -47,9 +58,13 @@ class BEiT3ForPretraining(BEiT3TaskModel):
 
     @staticmethod
     def heads_of(state: dict) -> dict:
-        """Constructor arguments that fit a state dict's heads: ``codebook_size``, ``contrastive``, ``matching``."""
-        return {"codebook_size": state["mim_head.weight"].shape[0], "contrastive": "logit_scale" in state,
-                "matching": "itm_head.classifier.weight" in state}
+        """Constructor arguments that fit a state dict's heads: ``codebook_size``, ``contrastive``, ``matching``, and
+        ``image_target="pixels"`` for a pixel decoder (whose ``pixel_decoder`` sizes the caller passes: the state
+        does not say how many heads it has)."""
+        heads = {"contrastive": "logit_scale" in state, "matching": "itm_head.classifier.weight" in state}
+        if "mim_head.weight" in state:
+            return {"codebook_size": state["mim_head.weight"].shape[0], **heads}
+        return {**heads, "image_target": "pixels"}
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | ({"logit_scale"} if hasattr(self, "logit_scale") else set())
@@ -64,6 +79,8 @@ class BEiT3ForPretraining(BEiT3TaskModel):
         masked_only_last_layer: bool = False,
         attn_mask: Optional[torch.Tensor] = None,
         head: Head = "masked",
+        visible_only: bool = False,
+        vision_keep: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """``head="masked"``: encode an image, text or image-text batch; return MIM logits of the masked patches
         (row-major, in batch order) and MLM logits of the masked text positions. ``masked_only_last_layer``: compute
@@ -72,9 +89,14 @@ class BEiT3ForPretraining(BEiT3TaskModel):
 
         ``head="contrastive"``: images and texts encoded *separately*; returns L2-normalised ``image_features`` (vision
         CLS -> ``vision_head``), ``text_features`` (BOS -> ``language_head``) and ``logit_scale`` (exp, clamped at
-        100 as CLIP). ``head="matching"``: the pairs encoded jointly; returns ``itm`` match logits (B,)."""
+        100 as CLIP). ``head="matching"``: the pairs encoded jointly; returns ``itm`` match logits (B,).
+        ``vision_keep`` (B, K) patch indexes: the contrastive pass encodes only those patches (FLIP).
+
+        With ``image_target="pixels"`` the masked pass returns ``pixels`` instead of ``mim``: the pixel decoder's
+        predictions of the masked patches (row-major, (M, p * p * C)); ``visible_only`` encodes only the unmasked
+        patches and lets the decoder fill in the others (MAE), else the encoder sees its mask token there."""
         if head == "contrastive":
-            return self._contrastive(images, text_tokens, padding_mask)
+            return self._contrastive(images, text_tokens, padding_mask, vision_keep)
         if head == "matching":
             if self.itm_head is None:
                 raise RuntimeError("this BEiT3ForPretraining has no matching head; build it with matching=True")
@@ -82,6 +104,10 @@ class BEiT3ForPretraining(BEiT3TaskModel):
             return {"itm": self.itm_head(out["encoder_out"])}
         if head != "masked":
             raise ValueError(f"unknown head '{head}'; use 'masked', 'contrastive' or 'matching'")
+        if self.pixel_decoder is not None and images is not None:
+            if masked_only_last_layer:
+                raise ValueError("masked_only_last_layer needs image_target 'vqkd': the pixel decoder reads every patch")
+            return self._masked_pixels(images, image_mask, text_tokens, padding_mask, text_mask, attn_mask, visible_only)
         kwargs = dict(textual_tokens=text_tokens, visual_tokens=images, text_padding_position=padding_mask,
                       vision_masked_position=image_mask, attn_mask=attn_mask)
         if masked_only_last_layer:
@@ -106,10 +132,24 @@ class BEiT3ForPretraining(BEiT3TaskModel):
             logits["mlm"] = self.mlm_head(text_rows)
         return logits
 
-    def _contrastive(self, images, text_tokens, padding_mask) -> dict[str, torch.Tensor]:
+    def _masked_pixels(self, images, image_mask, text_tokens, padding_mask, text_mask, attn_mask,
+                       visible_only: bool) -> dict[str, torch.Tensor]:
+        keep = visible_patches(image_mask) if visible_only and image_mask is not None else None
+        features = self.beit3(textual_tokens=text_tokens, visual_tokens=images, text_padding_position=padding_mask,
+                              vision_masked_position=None if keep is not None else image_mask, attn_mask=attn_mask,
+                              vision_keep=keep)["encoder_out"]
+        vision_len = 1 + (keep.shape[1] if keep is not None else self.config.num_patches)
+        logits = {}
+        if image_mask is not None:
+            logits["pixels"] = self.pixel_decoder(features[:, :vision_len], keep)[image_mask.bool()]
+        if text_mask is not None:
+            logits["mlm"] = self.mlm_head(features[:, vision_len:][text_mask.bool()])
+        return logits
+
+    def _contrastive(self, images, text_tokens, padding_mask, vision_keep=None) -> dict[str, torch.Tensor]:
         if not hasattr(self, "logit_scale"):
             raise RuntimeError("this BEiT3ForPretraining has no contrastive heads; build it with contrastive=True")
-        vision = self.beit3(visual_tokens=images)["encoder_out"][:, 0]
+        vision = self.beit3(visual_tokens=images, vision_keep=vision_keep)["encoder_out"][:, 0]
         text = self.beit3(textual_tokens=text_tokens, text_padding_position=padding_mask)["encoder_out"][:, 0]
         return {"image_features": F.normalize(self.vision_head(vision), dim=-1),
                 "text_features": F.normalize(self.language_head(text), dim=-1),

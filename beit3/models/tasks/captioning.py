@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import POSITION_OFFSET, BEiT3Config
+from ..backbone import BEiT3Config
+from ..input_embeddings import POSITION_OFFSET
 from ..heads import check_batch
 from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import BEiT3Config
-from ..contrastive import ITMHead, add_contrastive_heads, clip_loss, gather_with_grad, matching_batch, sample_hard_negatives
+from ..contrastive import (ITMHead, add_contrastive_heads, clip_loss, gather_with_grad, matching_batch, random_keep,
+                           sample_hard_negatives)
 from ..heads import check_batch
 from ..task_model import BEiT3TaskModel
 from ..registry import register_model, register_model_class
@@ -44,13 +45,14 @@ class BEiT3ForRetrieval(BEiT3TaskModel):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"logit_scale"}
 
-    def encode_image(self, image) -> torch.Tensor:
+    def encode_image(self, image, vision_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalised image embeddings (B, D) of a (B, 3, S, S) tensor, or of PIL images / image paths through
-        ``self.processor`` (set by ``beit3.create_model_and_transforms``)."""
+        ``self.processor`` (set by ``beit3.create_model_and_transforms``). ``vision_keep`` (B, K): encode only those
+        patches (FLIP)."""
         if not isinstance(image, torch.Tensor):
             image = self._processor().images(image).to(self.logit_scale.device)
         check_batch("image", image, 4)
-        tokens = self.beit3(visual_tokens=image)["encoder_out"]
+        tokens = self.beit3(visual_tokens=image, vision_keep=vision_keep)["encoder_out"]
         return F.normalize(self.vision_head(tokens[:, 0]), dim=-1)
 
     def encode_text(self, text_description, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -82,12 +84,17 @@ class BEiT3ForRetrieval(BEiT3TaskModel):
         padding_mask: Optional[torch.Tensor] = None,
         only_infer: bool = False,
         image_id: Optional[torch.Tensor] = None,
+        patch_drop: float = 0.0,
         **kwargs,
     ):
         """``only_infer=True``: ``(vision_cls, language_cls)`` (None where the input is None); otherwise
         ``(loss, vision_cls, language_cls)``. ``image_id`` (optional) keeps captions of the same image from being
-        drawn as ITM negatives."""
-        vision_cls = self.encode_image(image) if image is not None else None
+        drawn as ITM negatives. ``patch_drop`` (training only): FLIP, this fraction of the patches of each image
+        dropped (uniformly drawn) before the encoder of the contrastive loss; the ITM pass sees whole images."""
+        keep = None
+        if image is not None and patch_drop and self.training:
+            keep = random_keep(image.shape[0], self.config.num_patches, patch_drop, image.device)
+        vision_cls = self.encode_image(image, keep) if image is not None else None
         language_cls = self.encode_text(text_description, padding_mask) if text_description is not None else None
         if only_infer:
             return vision_cls, language_cls
