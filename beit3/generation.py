@@ -1,5 +1,6 @@
 """Caption decoding for :class:`~beit3.models.tasks.captioning.BEiT3ForCaptioning`: beam search as the official
-evaluation runs it (beam 3, length penalty 0.6, 32 tokens, key/value cache) and greedy decoding.
+evaluation runs it (beam 3, length penalty 0.6, 32 tokens, key/value cache), greedy decoding, and nucleus sampling
+(BLIP's CapFilt captioner: top-p 0.9).
 
 The text starts as [``<s>``, ``<mask>``]; the logits at the ``<mask>`` slot give the next word. With the cache each
 step feeds only [last word, ``<mask>``] at text positions (cur_len, cur_len + 1), then drops the ``<mask>`` key/value
@@ -199,3 +200,61 @@ def greedy_search(
     by the summed log-probability: :func:`beam_search` with one beam and ``length_penalty=0``."""
     return beam_search(model, images, tokenizer, num_beams=1, max_len=max_len, length_penalty=0.0, use_cache=use_cache,
                        bos_id=bos_id, pad_id=pad_id, eos_id=eos_id, mask_id=mask_id)
+
+
+def sample_top_p(logprobs: torch.Tensor, top_p: float, temperature: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One word per row (B,) drawn from the smallest set of words whose probabilities (at ``temperature``) sum to at
+    least ``top_p`` (nucleus sampling, Holtzman et al. 2020), renormalised."""
+    if not 0.0 < top_p <= 1.0 or temperature <= 0:
+        raise ValueError(f"top_p must be in (0, 1] and temperature > 0; got {top_p}, {temperature}")
+    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the words after the nucleus is full
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(dim=-1, keepdim=True), 1, generator=generator)
+    return order.gather(1, choice).squeeze(1)
+
+
+@torch.no_grad()
+def nucleus_sampling(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokenizer: Any = None,
+    *,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    max_len: int = 32,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+    bos_id: int = 0,
+    pad_id: int = 1,
+    eos_id: int = 2,
+    mask_id: Optional[int] = None,
+) -> list[Caption]:
+    """One sampled caption per image: each next word drawn by :func:`sample_top_p` until ``</s>`` or ``max_len``
+    tokens (incl. ``<s>`` and ``</s>``); scored by the summed log-probability of the words drawn. BLIP's CapFilt
+    samples (top-p 0.9) rather than searches: more diverse captions, which the filter then judges."""
+    ids = SpecialTokenIds.resolve(tokenizer, bos_id, pad_id, eos_id, mask_id)
+    steps = _steps(model, images, ids, use_cache, max_len)
+    batch = images.shape[0]
+    rows = torch.arange(batch, device=images.device)
+    logprobs, cur_len = steps.first(), 2
+    captions = [Caption([], 0.0) for _ in range(batch)]
+    finished = [False] * batch
+    while True:
+        words = sample_top_p(logprobs, top_p, temperature, generator)
+        word_logprobs = logprobs.gather(1, words[:, None]).squeeze(1).tolist()
+        for b, word in enumerate(words.tolist()):
+            if finished[b]:
+                continue
+            captions[b].score += word_logprobs[b]
+            if word == ids.eos_id:
+                finished[b] = True
+            else:
+                captions[b].token_ids.append(word)
+                finished[b] = cur_len + 1 == max_len
+        if all(finished):
+            return captions
+        cur_len += 1
+        logprobs = steps.advance(rows, words, cur_len)
