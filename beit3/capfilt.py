@@ -143,8 +143,8 @@ def _samples(unit: WorkUnit, root: Path, tokenizer: TextTokenizer, skipped: dict
                 skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
         return
     index = TarShardIndex([unit.shard], required=("jpg", "txt"))
-    for broken in index.broken_shards:
-        skipped["broken_shard"] = skipped.get("broken_shard", 0) + 1
+    if index.broken_shards:  # the samples before the damage are used
+        skipped["broken_shard"] = skipped.get("broken_shard", 0) + len(index.broken_shards)
     for i in range(len(index)):
         try:
             raw = index[i]
@@ -215,14 +215,8 @@ def process_unit(unit: WorkUnit, capfilter: CapFilter, root: Path, out_dir: Path
                     stats["planted"][f"{label}_kept"] += 1
                 kept.append((sample, kind, ids, score))
             if len(stats["examples"]) < num_examples:
-                thumb = out_dir / "examples" / f"{unit.name}_{len(stats['examples'])}.jpg"
-                thumb.parent.mkdir(parents=True, exist_ok=True)
-                image = sample["image"].copy()
-                image.thumbnail((160, 160))
-                image.save(thumb, quality=90)
-                stats["examples"].append({"image": _image_ref(unit, sample), "thumbnail": str(thumb.relative_to(out_dir)), "captions": [
-                    {"kind": kind, "text": capfilter.tokenizer.decode(ids), "score": score, "kept": score >= threshold}
-                    for kind, ids, score in captions]})
+                stats["examples"].append(_example(unit, sample, captions, out_dir, len(stats["examples"]),
+                                                  capfilter.tokenizer, threshold))
     tmp = output.with_name(output.name + ".tmp")
     if unit.items is not None:
         write_jsonl(tmp, (_index_item(sample["record"], kind, ids, score, root, out_dir)
@@ -236,9 +230,20 @@ def process_unit(unit: WorkUnit, capfilter: CapFilter, root: Path, out_dir: Path
     return stats
 
 
-def _image_ref(unit: WorkUnit, sample: dict) -> str:
+def _example(unit: WorkUnit, sample: dict, captions: list, out_dir: Path, number: int, tokenizer: TextTokenizer,
+             threshold: float) -> dict:
+    """A report example: where the image is, a thumbnail of it under ``out_dir/examples``, each caption's text,
+    score and verdict."""
+    thumb = out_dir / "examples" / f"{unit.name}_{number}.jpg"
+    thumb.parent.mkdir(parents=True, exist_ok=True)
+    image = sample["image"].copy()
+    image.thumbnail((160, 160))
+    image.save(thumb, quality=90)
     record = sample["record"]
-    return record["image_path"] if unit.items is not None else f"{unit.shard}:{record['__key__']}"
+    where = record["image_path"] if unit.items is not None else f"{unit.shard}:{record['__key__']}"
+    return {"image": where, "thumbnail": str(thumb.relative_to(out_dir)), "captions": [
+        {"kind": kind, "text": tokenizer.decode(ids), "score": score, "kept": score >= threshold}
+        for kind, ids, score in captions]}
 
 
 def _index_item(record: dict, kind: str, ids: list[int], score: float, root: Path, out_dir: Path) -> dict:

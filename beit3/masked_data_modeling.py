@@ -67,7 +67,8 @@ class ObjectiveConfig:
         if self.image_target not in ("vqkd", "pixels"):
             raise ValueError(f"objective.image_target must be 'vqkd' or 'pixels', got '{self.image_target}'")
         if self.image_target == "pixels" and self.masked_only_last_layer:
-            raise ValueError("objective.masked_only_last_layer needs image_target 'vqkd': the pixel decoder reads every patch")
+            raise ValueError("objective.masked_only_last_layer needs image_target 'vqkd': the pixel decoder reads "
+                             "every patch")
         if not 0.0 <= self.itc_patch_drop < 1.0:
             raise ValueError(f"objective.itc_patch_drop must be in [0, 1), got {self.itc_patch_drop}")
 

@@ -44,7 +44,8 @@ def models(demo_root, tmp_path_factory):
     captioner, matcher = BEiT3ForCaptioning(cfg), BEiT3ForRetrieval(cfg, itm=True)
     save_pretrained(captioner, base / "captioner", text_tokenizer=spm)
     save_pretrained(matcher, base / "matcher", text_tokenizer=spm)
-    return {"captioner": captioner.eval(), "matcher": matcher.eval(), "dirs": base, "tokenizer": TextTokenizer.from_file(spm)}
+    return {"captioner": captioner.eval(), "matcher": matcher.eval(), "dirs": base,
+            "tokenizer": TextTokenizer.from_file(spm)}
 
 
 def test_nucleus_sampling_with_a_tiny_nucleus_is_greedy_decoding(models, demo_root):

@@ -71,11 +71,13 @@ def draw_report(report: dict, out_dir: Path) -> list[Path]:
     paths = [scores]
     rows = []
     for example in report["examples"][:8]:
-        lines = [f"{'KEPT' if c['kept'] else 'cut '} {c['score']:.2f} {c['kind']}: {c['text']}" for c in example["captions"]]
+        lines = [f"{'KEPT' if c['kept'] else 'cut '} {c['score']:.2f} {c['kind']}: {c['text']}"
+                 for c in example["captions"]]
         rows.append({"text": "\n".join(lines), "images": [Image.open(out_dir / example["thumbnail"]).convert("RGB")],
                      "marks": [any(c["kept"] for c in example["captions"])]})
     if rows:
-        paths.append(image_grid(rows, out_dir / "capfilt_examples.png", title="CapFilt: original and synthetic captions"))
+        paths.append(image_grid(rows, out_dir / "capfilt_examples.png",
+                                title="CapFilt: original and synthetic captions"))
     return paths
 
 

@@ -39,7 +39,8 @@ class BEiT3ForPretraining(BEiT3TaskModel):
                  matching: bool = False, image_target: ImageTarget = "vqkd", pixel_decoder: Optional[dict] = None):
         if image_target not in ("vqkd", "pixels"):
             raise ValueError(f"image_target must be 'vqkd' or 'pixels', got '{image_target}'")
-        extra = {} if image_target == "vqkd" else {"image_target": image_target, "pixel_decoder": dict(pixel_decoder or {})}
+        extra = {} if image_target == "vqkd" else {"image_target": image_target,
+                                                    "pixel_decoder": dict(pixel_decoder or {})}
         super().__init__(config, codebook_size=codebook_size, contrastive=contrastive, matching=matching, **extra)
         self.mim_head = self.pixel_decoder = None
         if image_target == "vqkd":
@@ -106,8 +107,10 @@ class BEiT3ForPretraining(BEiT3TaskModel):
             raise ValueError(f"unknown head '{head}'; use 'masked', 'contrastive' or 'matching'")
         if self.pixel_decoder is not None and images is not None:
             if masked_only_last_layer:
-                raise ValueError("masked_only_last_layer needs image_target 'vqkd': the pixel decoder reads every patch")
-            return self._masked_pixels(images, image_mask, text_tokens, padding_mask, text_mask, attn_mask, visible_only)
+                raise ValueError("masked_only_last_layer needs image_target 'vqkd': the pixel decoder reads every "
+                                 "patch")
+            return self._masked_pixels(images, image_mask, text_tokens, padding_mask, text_mask, attn_mask,
+                                       visible_only)
         kwargs = dict(textual_tokens=text_tokens, visual_tokens=images, text_padding_position=padding_mask,
                       vision_masked_position=image_mask, attn_mask=attn_mask)
         if masked_only_last_layer:
