@@ -101,7 +101,7 @@ def test_two_ranks_zero2_every_stream_learns(zero2_run):
 @pytest.mark.slow
 def test_two_ranks_zero3_learns_and_exports_official_layout(demo):
     out = demo["base"] / "zero3"
-    _run(_pretrain_cmd(demo, out, "train.zero_stage=3"))
+    _run(_pretrain_cmd(demo, out, "train.zero_stage=3", "objective.itm_weight=1.0"))  # ITM too (off in demo.yaml)
     _assert_streams_learn(_read_log(out))
     export = demo["base"] / "zero3_export"
     _run([sys.executable, str(ROOT / "tools/export_checkpoint.py"), "--run", str(out), "--out", str(export)])
@@ -111,7 +111,7 @@ def test_two_ranks_zero3_learns_and_exports_official_layout(demo):
     backbone = beit3.create_model("beit3_tiny_patch8_32", img_size=64, embed_dim=64, num_heads=4, ffn_dim=256, depth=2,
                                   vocab_size=vocab)
     report = beit3.load_checkpoint(backbone, export / "beit3_pretrained.pth", strict=True)
-    heads = {"mim_head.bias", "mim_head.weight", "mlm_head.bias", "mlm_head.weight",  # + demo.yaml's ITC/ITM heads
+    heads = {"mim_head.bias", "mim_head.weight", "mlm_head.bias", "mlm_head.weight",  # + the ITC/ITM heads
              "vision_head.weight", "language_head.weight", "logit_scale"}
     assert report.missing == [] and heads <= set(report.left_for_heads)
     assert {k.split(".")[0] for k in report.left_for_heads} == {"mim_head", "mlm_head", "vision_head", "language_head",
