@@ -45,8 +45,13 @@ class CapFiltConfig:
     batch_size: int = 32
     chunk_size: int = 1000
     seed: int = 0
+    # the judge: "itm" (BLIP: the match probability of the ITM head) or "itc" ((1 + cosine) / 2 of the contrastive
+    # embeddings, the CLIP-score filter of LAION): for a matcher whose ITM head did not learn (README "CapFilt")
+    scorer: str = "itm"
 
     def __post_init__(self) -> None:
+        if self.scorer not in ("itm", "itc"):
+            raise ValueError(f"scorer must be 'itm' or 'itc', got '{self.scorer}'")
         if not 0.0 <= self.threshold <= 1.0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"threshold must be in [0, 1] and top_p in (0, 1]; got {self.threshold}, {self.top_p}")
         if min(self.num_synthetic, self.batch_size, self.chunk_size) < 1 or self.max_caption_len < 3:
@@ -99,8 +104,11 @@ class CapFilter:
 
     def __init__(self, captioner: nn.Module, matcher: nn.Module, tokenizer: TextTokenizer, cfg: CapFiltConfig,
                  device: torch.device | str = "cpu"):
-        if getattr(matcher, "itm_head", None) is None:
-            raise ValueError("the matcher has no ITM head: fine-tune retrieval with model.overrides.itm=true")
+        if cfg.scorer == "itm" and getattr(matcher, "itm_head", None) is None:
+            raise ValueError("the matcher has no ITM head: fine-tune retrieval with model.overrides.itm=true, or "
+                             "score with --scorer itc")
+        if cfg.scorer == "itc" and not hasattr(matcher, "encode_image"):
+            raise ValueError(f"the matcher is a {type(matcher).__name__}, not a retrieval model")
         if not isinstance(captioner, BEiT3ForCaptioning):
             raise ValueError(f"the captioner is a {type(captioner).__name__}, not a BEiT3ForCaptioning")
         self.device = torch.device(device)
@@ -114,8 +122,11 @@ class CapFilter:
     @torch.no_grad()
     def match_probability(self, images: torch.Tensor, captions: list[list[int]]) -> list[float]:
         tokens, pads = self.tokenizer.pad_ids(captions, self.cfg.max_text_len)
-        logits = self.matcher.itm_score(images, tokens.to(self.device), pads.to(self.device))
-        return torch.sigmoid(logits.float()).tolist()
+        tokens, pads = tokens.to(self.device), pads.to(self.device)
+        if self.cfg.scorer == "itc":
+            cosine = (self.matcher.encode_image(images) * self.matcher.encode_text(tokens, pads)).sum(dim=-1)
+            return ((1 + cosine.float()) / 2).tolist()
+        return torch.sigmoid(self.matcher.itm_score(images, tokens, pads).float()).tolist()
 
     @torch.no_grad()
     def judge(self, images: list, captions: list[list[int]], generator: torch.Generator) -> list[dict]:
@@ -207,6 +218,8 @@ def process_unit(unit: WorkUnit, capfilter: CapFilter, root: Path, out_dir: Path
             label = None if not isinstance(noisy, bool) else "noisy" if noisy else "clean"
             if label:
                 stats["planted"][label] += 1
+                histogram = stats["planted"].setdefault(f"{label}_histogram", [0] * HISTOGRAM_BINS)
+                histogram[_bin(result["original_score"])] += 1
             for kind, ids, score in captions:
                 if score < threshold:
                     continue
@@ -312,6 +325,9 @@ def merge_units(units: list[WorkUnit], source: str, out_dir: Path, cfg: CapFiltC
         for reason, count in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + count
     planted = {k: sum(s["planted"][k] for s in stats) for k in ("noisy", "clean", "noisy_kept", "clean_kept")}
+    for label in ("noisy", "clean"):  # the original captions' scores by planted label: how separable they are
+        planted[f"{label}_histogram"] = [sum(s["planted"].get(f"{label}_histogram", [0] * HISTOGRAM_BINS)[i]
+                                             for s in stats) for i in range(HISTOGRAM_BINS)]
     report = {
         "source": source, "new_source": str(new_source), "config": vars(cfg), "units": len(units),
         "samples": samples, "skipped": skipped, "kept_original": kept_original, "kept_synthetic": kept_synthetic,

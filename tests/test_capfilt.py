@@ -123,8 +123,13 @@ def test_planted_noise_and_the_command_line(models, demo_root, tmp_path):
     assert planted["noisy"] == 5 and planted["clean"] == 15 and planted["wrong_fraction_before"] == 0.25
     assert planted["wrong_fraction_after"] == 0.25 and planted["wrong_removed"] == 0.0  # threshold 0 keeps all
     assert (out / "capfilt_scores.png").is_file() and (out / "capfilt_examples.png").is_file()
+    assert sum(planted["noisy_histogram"]) == 5 and sum(planted["clean_histogram"]) == 15
     assert capfilt_main(args[:-4] + ["--batch-size", "0"]) == 2
     assert capfilt_main([*args[:6], "--matcher", str(dirs / "captioner"), *args[8:]]) == 2  # no ITM head
+    itc = tmp_path / "itc"
+    assert capfilt_main([*args[:8], "--out", str(itc), *args[10:], "--scorer", "itc"]) == 0
+    scores = [i["capfilt"]["score"] for i in read_jsonl(itc / "pairs.capfilt.jsonl")]
+    assert len(scores) == 40 and all(0.0 <= v <= 1.0 for v in scores)  # (1 + cosine) / 2
 
 
 def test_shards_in_the_img2dataset_layout_and_two_ranks_equal_one(models, demo_root, tmp_path):

@@ -93,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "pattern, a glob or a folder of .tar), relative to --root")
     parser.add_argument("--root", default=".", help="the data root the source's paths are relative to")
     parser.add_argument("--captioner", required=True, help="captioning fine-tune (run folder or model folder)")
-    parser.add_argument("--matcher", required=True, help="retrieval fine-tune with the ITM head (model.overrides.itm)")
+    parser.add_argument("--matcher", required=True,
+                        help="retrieval fine-tune (with the ITM head, model.overrides.itm, for --scorer itm)")
     parser.add_argument("--tokenizer", default=None, help="beit3.spm (default: the captioner's)")
     parser.add_argument("--out", required=True, type=out_folder, help="folder of the new source and the report")
     defaults = CapFiltConfig()
@@ -101,6 +102,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "seed"):
         kind = type(getattr(defaults, name))
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    parser.add_argument("--scorer", choices=("itm", "itc"), default=defaults.scorer,
+                        help="itm: the ITM head's match probability (BLIP); itc: (1 + cosine) / 2 of the contrastive "
+                             "embeddings (CLIP-score filtering)")
     parser.add_argument("--plant-noise", type=float, default=0.0,
                         help="measure the filter: give this fraction of a JSONL source's pairs another image's "
                              "caption first (marked noisy; the report counts them before and after)")
