@@ -24,7 +24,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .data.readers import SkipSample, TarShardIndex, decode_image, expand_shards, load_image
+from .data.readers import SkipSample, expand_shards, load_image
+from .data.sources import ShardSource
 from .data.transforms import build_finetune_transform
 from .generation import nucleus_sampling
 from .jsonl import read_jsonl, write_jsonl
@@ -153,16 +154,14 @@ def _samples(unit: WorkUnit, root: Path, tokenizer: TextTokenizer, skipped: dict
             except SkipSample as skip:
                 skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
         return
-    index = TarShardIndex([unit.shard], required=("jpg", "txt"))
-    if index.broken_shards:  # the samples before the damage are used
-        skipped["broken_shard"] = skipped.get("broken_shard", 0) + len(index.broken_shards)
-    for i in range(len(index)):
+    source = ShardSource("pair", [unit.shard], tokenizer, with_text=True)
+    if source.index.broken_shards:  # the samples before the damage are used
+        skipped["broken_shard"] = skipped.get("broken_shard", 0) + len(source.index.broken_shards)
+    for i in range(len(source)):
         try:
-            raw = index[i]
-            ids = tokenizer.encode(raw["txt"].decode("utf-8", "replace"))
-            if not ids:
-                raise SkipSample("empty_text", index.describe(i))
-            yield {"image": decode_image(raw["jpg"], index.describe(i)), "caption": ids, "record": raw}
+            raw = source.index[i]
+            sample = source.parse(raw, source.index.describe(i))
+            yield {"image": sample["image"], "caption": sample["text_ids"], "record": raw}
         except SkipSample as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
 
@@ -203,7 +202,9 @@ def process_unit(unit: WorkUnit, capfilter: CapFilter, root: Path, out_dir: Path
     generator = torch.Generator(device=capfilter.device).manual_seed(capfilter.cfg.seed * 1_000_003 + unit.index)
     stats = {"unit": unit.name, "samples": 0, "skipped": {}, "original_histogram": [0] * HISTOGRAM_BINS,
              "synthetic_histogram": [0] * HISTOGRAM_BINS, "kept_original": 0, "kept_synthetic": 0,
-             "planted": {"noisy": 0, "clean": 0, "noisy_kept": 0, "clean_kept": 0}, "examples": []}
+             "planted": {"noisy": 0, "clean": 0, "noisy_kept": 0, "clean_kept": 0,
+                         "noisy_histogram": [0] * HISTOGRAM_BINS, "clean_histogram": [0] * HISTOGRAM_BINS},
+             "examples": []}
     kept: list = []
     threshold = capfilter.cfg.threshold
     for batch in _batches(_samples(unit, root, capfilter.tokenizer, stats["skipped"]), capfilter.cfg.batch_size):
@@ -218,8 +219,7 @@ def process_unit(unit: WorkUnit, capfilter: CapFilter, root: Path, out_dir: Path
             label = None if not isinstance(noisy, bool) else "noisy" if noisy else "clean"
             if label:
                 stats["planted"][label] += 1
-                histogram = stats["planted"].setdefault(f"{label}_histogram", [0] * HISTOGRAM_BINS)
-                histogram[_bin(result["original_score"])] += 1
+                stats["planted"][f"{label}_histogram"][_bin(result["original_score"])] += 1
             for kind, ids, score in captions:
                 if score < threshold:
                     continue
@@ -305,6 +305,11 @@ def run_units(units: list[WorkUnit], capfilter: CapFilter, root: Path, out_dir: 
     return done
 
 
+def _histogram_sum(histograms: list[list[int]]) -> list[int]:
+    """Bin-wise sum of the units' histograms (all zeros for no unit)."""
+    return [sum(column) for column in zip(*histograms)] or [0] * HISTOGRAM_BINS
+
+
 def merge_units(units: list[WorkUnit], source: str, out_dir: Path, cfg: CapFiltConfig) -> dict:
     """Once every unit is done: the new source (a JSONL source's parts joined into ``<stem>.capfilt.jsonl`` in
     ``out_dir``, image paths relative to ``out_dir``; a shard source's new shards under ``out_dir/shards``) and the
@@ -326,8 +331,7 @@ def merge_units(units: list[WorkUnit], source: str, out_dir: Path, cfg: CapFiltC
             skipped[reason] = skipped.get(reason, 0) + count
     planted = {k: sum(s["planted"][k] for s in stats) for k in ("noisy", "clean", "noisy_kept", "clean_kept")}
     for label in ("noisy", "clean"):  # the original captions' scores by planted label: how separable they are
-        planted[f"{label}_histogram"] = [sum(s["planted"].get(f"{label}_histogram", [0] * HISTOGRAM_BINS)[i]
-                                             for s in stats) for i in range(HISTOGRAM_BINS)]
+        planted[f"{label}_histogram"] = _histogram_sum([s["planted"][f"{label}_histogram"] for s in stats])
     report = {
         "source": source, "new_source": str(new_source), "config": vars(cfg), "units": len(units),
         "samples": samples, "skipped": skipped, "kept_original": kept_original, "kept_synthetic": kept_synthetic,
@@ -335,8 +339,8 @@ def merge_units(units: list[WorkUnit], source: str, out_dir: Path, cfg: CapFiltC
         "kept_synthetic_fraction": kept_synthetic / (samples * cfg.num_synthetic) if samples else 0.0,
         "pairs_written": kept_original + kept_synthetic,
         "histogram_bins": [round(i / HISTOGRAM_BINS, 2) for i in range(HISTOGRAM_BINS + 1)],
-        "original_histogram": [sum(s["original_histogram"][i] for s in stats) for i in range(HISTOGRAM_BINS)],
-        "synthetic_histogram": [sum(s["synthetic_histogram"][i] for s in stats) for i in range(HISTOGRAM_BINS)],
+        "original_histogram": _histogram_sum([s["original_histogram"] for s in stats]),
+        "synthetic_histogram": _histogram_sum([s["synthetic_histogram"] for s in stats]),
         "examples": [e for s in stats for e in s["examples"]],
     }
     if planted["noisy"] + planted["clean"]:

@@ -206,23 +206,24 @@ class PretrainInputs:
             if "image" in b:
                 b["image_mask"] = self.block_masks.batch(b["image"].shape[0], rng)
                 if self.pixel_targets:  # the targets are the image's own pixels (MAE): no codes
-                    b.pop("tokenizer_image", None)
                     b.pop("codes", None)
-                    out[stream] = self._mask_text(stream, b, text_gen)
-                    continue
-                if "codes" not in b:
-                    if self.codes_fn is None:
-                        raise ValueError(f"the '{stream}' stream has no precomputed codes and no tokenizer was given")
-                    b["codes"] = self.codes_fn(b["tokenizer_image"])
+                else:
+                    self._attach_codes(stream, b)
                 b.pop("tokenizer_image", None)
-                b["codes"] = b["codes"].long()
-                if b["codes"].shape != b["image_mask"].shape:
-                    raise ValueError(
-                        f"visual codes of the '{stream}' stream have shape {tuple(b['codes'].shape)} but the model's patch "
-                        f"grid gives {tuple(b['image_mask'].shape)}: tokenizer and model must use the same patch grid"
-                    )
             out[stream] = self._mask_text(stream, b, text_gen)
         return out
+
+    def _attach_codes(self, stream: str, b: dict) -> None:
+        if "codes" not in b:
+            if self.codes_fn is None:
+                raise ValueError(f"the '{stream}' stream has no precomputed codes and no tokenizer was given")
+            b["codes"] = self.codes_fn(b["tokenizer_image"])
+        b["codes"] = b["codes"].long()
+        if b["codes"].shape != b["image_mask"].shape:
+            raise ValueError(
+                f"visual codes of the '{stream}' stream have shape {tuple(b['codes'].shape)} but the model's patch "
+                f"grid gives {tuple(b['image_mask'].shape)}: tokenizer and model must use the same patch grid"
+            )
 
     def _mask_text(self, stream: str, b: dict, text_gen: torch.Generator) -> dict:
         if "text_tokens" in b:

@@ -18,34 +18,35 @@ from typing import Optional, Sequence
 import torch
 
 from beit3.errors import CheckpointError
+from beit3.finetune.evaluation import BEST_DIR
+from beit3.models.checkpoint import CONFIG_FILE
 from .commands import _fail, out_folder
 
-BEST_SUBDIR = "best"
+
+def _model_folder(path: str) -> Path:
+    """The model folder of a fine-tuning run folder (its ``best/``), a ``save_pretrained`` folder or a hub id."""
+    from beit3.hub import resolve_pretrained
+
+    folder = resolve_pretrained(path)
+    return folder / BEST_DIR if (folder / BEST_DIR / CONFIG_FILE).is_file() else folder
 
 
 def _load(path: str, what: str) -> torch.nn.Module:
-    """A task model from a fine-tuning run folder (its ``best/``), a ``save_pretrained`` folder or a hub id."""
-    from beit3.hub import resolve_pretrained
     from beit3.models import from_pretrained
 
-    folder = resolve_pretrained(path)
-    if (folder / BEST_SUBDIR / "config.json").is_file():
-        folder = folder / BEST_SUBDIR
     try:
-        return from_pretrained(folder)
+        return from_pretrained(_model_folder(path))
     except (CheckpointError, FileNotFoundError, OSError) as err:
         raise CheckpointError(f"--{what} '{path}': {err}") from err
 
 
-def _tokenizer(args, captioner_dir: str):
+def _tokenizer(args, captioner: str):
     from beit3.text import TextTokenizer
 
-    candidates = [args.tokenizer] if args.tokenizer else [
-        Path(captioner_dir) / BEST_SUBDIR / "beit3.spm", Path(captioner_dir) / "beit3.spm"]
-    for path in candidates:
-        if Path(path).is_file():
-            return TextTokenizer.from_file(path)
-    raise FileNotFoundError(f"no text tokenizer: {candidates[0]} does not exist (pass --tokenizer beit3.spm)")
+    path = Path(args.tokenizer) if args.tokenizer else _model_folder(captioner) / "beit3.spm"
+    if not path.is_file():
+        raise FileNotFoundError(f"no text tokenizer: {path} does not exist (pass --tokenizer beit3.spm)")
+    return TextTokenizer.from_file(path)
 
 
 def draw_report(report: dict, out_dir: Path) -> list[Path]:
@@ -62,7 +63,7 @@ def draw_report(report: dict, out_dir: Path) -> list[Path]:
     ax.bar([c - width / 4 for c in centres], report["original_histogram"], width / 2, label="original captions")
     ax.bar([c + width / 4 for c in centres], report["synthetic_histogram"], width / 2, label="synthetic captions")
     ax.axvline(report["config"]["threshold"], color="k", linestyle="--", label="threshold")
-    ax.set_xlabel("ITM match probability")
+    ax.set_xlabel("ITM match probability" if report["config"]["scorer"] == "itm" else "(1 + cosine) / 2 (ITC)")
     ax.set_ylabel("captions")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -87,8 +87,10 @@ class ShardSource:
         return len(self.index)
 
     def load(self, index: int) -> dict:
-        raw = self.index[index]
-        where = self.index.describe(index)
+        return self.parse(self.index[index], self.index.describe(index))
+
+    def parse(self, raw: dict, where: str) -> dict:
+        """``{"text_ids", "image"}`` of a raw sample (``TarShardIndex`` item); SkipSample when unusable."""
         sample = {}
         if self.with_text:
             if len(raw["txt"]) > MAX_TEXT_BYTES:
